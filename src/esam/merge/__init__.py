@@ -1,0 +1,1 @@
+"""Online merging of per-frame instances into global instances."""

@@ -1,0 +1,1 @@
+"""Reference model and its parts."""

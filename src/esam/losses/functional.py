@@ -1,0 +1,376 @@
+"""Pure formulas of the ESAM objective.
+
+Every function takes logits, works in log space where a log appears, states its tensor shapes,
+and is safe on empty input (a mean over nothing is ``0 * input.sum()``, which keeps the graph).
+Pairwise costs ``(Q, K)`` and matched losses ``(M,)`` share one private formula per term, so
+the matcher and the loss can never drift apart.
+
+Shape vocabulary: N points, S superpoints, P positions (N or S), Q queries, K GT instances,
+M matched pairs, C classes, d features.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from esam.structures import InstanceMasks
+
+Reduction = Literal["none", "mean", "sum"]
+DiceForm = Literal["seed", "esam"]
+
+__all__ = [
+    "reduce_loss",
+    "class_cost",
+    "mask_bce_cost",
+    "mask_l1_cost",
+    "mask_dice_cost",
+    "sigmoid_bce_loss",
+    "dice_loss",
+    "mask_iou",
+    "score_loss",
+    "box_l1_loss",
+    "box_iou_loss",
+    "box_giou_loss",
+    "axis_aligned_box_iou",
+    "boxes_to_corners",
+    "semantic_cross_entropy",
+    "nt_xent",
+]
+
+
+def reduce_loss(loss: Tensor, reduction: Reduction) -> Tensor:
+    """Reduce a per-element loss; the mean of an empty tensor is a graph-connected zero."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean() if loss.numel() > 0 else 0.0 * loss.sum()
+    raise ValueError(f"reduction: expected 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared formulas (pairwise cost and matched loss both call these).
+
+
+def _dice_from_sums(inter: Tensor, q_term: Tensor, g_sum: Tensor, form: DiceForm) -> Tensor:
+    """Dice loss from its sums.
+
+    seed: ``1 - 2<q,g> / (<q,q> + <g,g> + 1)``  (``q_term`` is ``<q,q>``)
+    esam: ``1 - (2<q,g> + 1) / (sum q + sum g + 1)``  (``q_term`` is ``sum q``)
+    ``g`` is binary, so ``<g,g> = sum g``.
+    """
+    if form == "seed":
+        return 1 - 2 * inter / (q_term + g_sum + 1)
+    if form == "esam":
+        return 1 - (2 * inter + 1) / (q_term + g_sum + 1)
+    raise ValueError(f"dice form: expected 'seed' or 'esam', got {form!r}")
+
+
+def _dice_q_term(probs: Tensor, form: DiceForm) -> Tensor:
+    # (R, P) -> (R,)
+    return (probs * probs).sum(-1) if form == "seed" else probs.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise matching costs, (Q, K).
+
+
+def class_cost(cls_logits: Tensor, labels: Tensor,
+               form: Literal["one_minus", "negative"] = "one_minus") -> Tensor:
+    """Classification cost.
+
+    Args:
+        cls_logits: ``(Q, C+1)`` logits.
+        labels: ``(K,)`` GT classes in ``[0, C)``.
+        form: ``"one_minus"`` — ``1 - softmax(c_j)[label_k]`` (seed); ``"negative"`` —
+            ``-softmax(c_j)[label_k]`` (ESAM). The 1 is a constant that does not change the
+            assignment.
+
+    Returns:
+        ``(Q, K)`` cost.
+    """
+    prob = cls_logits.softmax(-1)[:, labels]  # (Q, K)
+    if form == "one_minus":
+        return 1 - prob
+    if form == "negative":
+        return -prob
+    raise ValueError(f"form: expected 'one_minus' or 'negative', got {form!r}")
+
+
+def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks) -> Tensor:
+    """Mean sigmoid binary cross-entropy of every query mask against every GT mask.
+
+    ``cost[j, k] = (1/P) sum_i BCE(sigmoid(x_ji), g_ki)``. Since ``BCE = softplus(x) - x g``,
+    this is ``(sum_i softplus(x_ji) - sum_{i in k} x_ji) / P``: one segment sum, O(Q*P).
+
+    Args:
+        mask_logits: ``(Q, P)``.
+        gt: K masks over the same P positions.
+
+    Returns:
+        ``(Q, K)`` cost.
+    """
+    p = mask_logits.shape[1]
+    total = F.softplus(mask_logits).sum(1, keepdim=True)  # (Q, 1)
+    inside = gt.segment_sum(mask_logits)  # (Q, K)
+    return (total - inside) / max(p, 1)
+
+
+def mask_l1_cost(mask_logits: Tensor, gt: InstanceMasks, *, as_printed: bool = False) -> Tensor:
+    """L1 mask cost, the form the seed prints for its "mask BCE" cost.
+
+    ``(1/P) (<q, 1-g> + <1-q, g>)`` with ``q = sigmoid(x)``: the mean absolute difference
+    between soft and true masks. ``as_printed=True`` keeps the print literally,
+    ``(1/P)<q, 1-g> + <1-q, g>``, whose second term is not normalised.
+
+    Args:
+        mask_logits: ``(Q, P)``.
+        gt: K masks over P positions.
+
+    Returns:
+        ``(Q, K)`` cost.
+    """
+    p = max(mask_logits.shape[1], 1)
+    q = mask_logits.sigmoid()
+    inter = gt.segment_sum(q)  # (Q, K) <q, g>
+    q_sum = q.sum(1, keepdim=True)  # (Q, 1)
+    g_sum = gt.sizes(q.dtype).unsqueeze(0)  # (1, K)
+    false_pos = q_sum - inter  # <q, 1-g>
+    false_neg = g_sum - inter  # <1-q, g>
+    if as_printed:
+        return false_pos / p + false_neg
+    return (false_pos + false_neg) / p
+
+
+def mask_dice_cost(mask_logits: Tensor, gt: InstanceMasks, form: DiceForm = "seed") -> Tensor:
+    """Dice cost of every query mask against every GT mask (see `_dice_from_sums`).
+
+    Args:
+        mask_logits: ``(Q, P)``.
+        gt: K masks over P positions.
+        form: ``"seed"`` or ``"esam"``.
+
+    Returns:
+        ``(Q, K)`` cost.
+    """
+    q = mask_logits.sigmoid()
+    inter = gt.segment_sum(q)  # (Q, K)
+    q_term = _dice_q_term(q, form).unsqueeze(1)  # (Q, 1)
+    g_sum = gt.sizes(q.dtype).unsqueeze(0)  # (1, K)
+    return _dice_from_sums(inter, q_term, g_sum, form)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matched-pair losses, (M,) before reduction.
+
+
+def _check_pairs(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b}: expected shape {tuple(a.shape)} (same as {name_a}), "
+                         f"got {tuple(b.shape)}")
+
+
+def sigmoid_bce_loss(mask_logits: Tensor, targets: Tensor,
+                     reduction: Reduction = "mean") -> Tensor:
+    """Per-pair mean binary cross-entropy ``(1/P) sum_i BCE(sigmoid(x_i), g_i)``.
+
+    Args:
+        mask_logits: ``(M, P)`` logits.
+        targets: ``(M, P)`` in {0, 1}.
+
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar over pairs.
+    """
+    _check_pairs(mask_logits, targets, "mask_logits", "targets")
+    if mask_logits.shape[1] == 0:
+        per_pair = mask_logits.sum(1) * 0.0
+    else:
+        per_pair = F.binary_cross_entropy_with_logits(
+            mask_logits, targets.to(mask_logits.dtype), reduction="none").mean(1)
+    return reduce_loss(per_pair, reduction)
+
+
+def dice_loss(mask_logits: Tensor, targets: Tensor, form: DiceForm = "seed",
+              reduction: Reduction = "mean") -> Tensor:
+    """Per-pair Dice loss (see `_dice_from_sums` for the two forms).
+
+    Args:
+        mask_logits: ``(M, P)`` logits.
+        targets: ``(M, P)`` in {0, 1}.
+
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar over pairs.
+    """
+    _check_pairs(mask_logits, targets, "mask_logits", "targets")
+    q = mask_logits.sigmoid()
+    t = targets.to(q.dtype)
+    inter = (q * t).sum(1)
+    per_pair = _dice_from_sums(inter, _dice_q_term(q, form), t.sum(1), form)
+    return reduce_loss(per_pair, reduction)
+
+
+@torch.no_grad()
+def mask_iou(mask_logits: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of binarised predicted masks (``sigmoid >= 0.5``) with binary targets.
+
+    Args:
+        mask_logits: ``(M, P)`` logits.
+        targets: ``(M, P)``; values above 0.5 count as inside.
+
+    Returns:
+        ``(M,)`` IoU ``|A & B| / (|A | B| + eps)``, without gradient.
+    """
+    _check_pairs(mask_logits, targets, "mask_logits", "targets")
+    pred = (mask_logits.sigmoid() >= 0.5).to(mask_logits.dtype)
+    gt = (targets > 0.5).to(mask_logits.dtype)
+    inter = (pred * gt).sum(1)
+    union = pred.sum(1) + gt.sum(1) - inter
+    return inter / (union + eps)
+
+
+def score_loss(scores: Tensor, target_iou: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """Squared error between predicted mask quality and the (detached) mask IoU.
+
+    Args:
+        scores: ``(M,)`` predicted scores.
+        target_iou: ``(M,)`` IoU targets; no gradient flows into them.
+    """
+    _check_pairs(scores, target_iou, "scores", "target_iou")
+    return reduce_loss((scores - target_iou.detach()) ** 2, reduction)
+
+
+def boxes_to_corners(boxes: Tensor) -> Tensor:
+    """``(..., 6)`` (cx, cy, cz, dx, dy, dz) -> ``(..., 6)`` (x1, y1, z1, x2, y2, z2)."""
+    half = boxes[..., 3:] / 2
+    return torch.cat([boxes[..., :3] - half, boxes[..., :3] + half], -1)
+
+
+def _volume(corners: Tensor) -> Tensor:
+    d = corners[..., 3:] - corners[..., :3]
+    return d[..., 0] * d[..., 1] * d[..., 2]
+
+
+def _aligned_iou_and_hull(a: Tensor, b: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    # a, b: (..., 6) corners -> IoU, union, hull volume, elementwise over leading dims.
+    lo = torch.maximum(a[..., :3], b[..., :3])
+    hi = torch.minimum(a[..., 3:], b[..., 3:])
+    wh = (hi - lo).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1] * wh[..., 2]
+    union = (_volume(a) + _volume(b) - overlap).clamp(min=eps)
+    hull_wh = (torch.maximum(a[..., 3:], b[..., 3:]) - torch.minimum(a[..., :3], b[..., :3]))
+    hull = (hull_wh[..., 0] * hull_wh[..., 1] * hull_wh[..., 2]).clamp(min=eps)
+    return overlap / union, union, hull
+
+
+def axis_aligned_box_iou(boxes1: Tensor, boxes2: Tensor, *, aligned: bool = False,
+                         eps: float = 1e-6) -> Tensor:
+    """IoU of axis-aligned 3-D boxes given as (cx, cy, cz, dx, dy, dz).
+
+    Args:
+        boxes1: ``(A, 6)``.
+        boxes2: ``(B, 6)``; with ``aligned=True`` the same shape as ``boxes1``.
+
+    Returns:
+        ``(A, B)``, or ``(A,)`` when aligned.
+    """
+    a, b = boxes_to_corners(boxes1), boxes_to_corners(boxes2)
+    if not aligned:
+        a, b = a.unsqueeze(1), b.unsqueeze(0)
+    return _aligned_iou_and_hull(a, b, eps)[0]
+
+
+def box_l1_loss(pred_boxes: Tensor, gt_boxes: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """``||b_j - b_k||_1`` over the 6 box parameters, per pair.
+
+    Args:
+        pred_boxes, gt_boxes: ``(M, 6)``.
+    """
+    _check_pairs(pred_boxes, gt_boxes, "pred_boxes", "gt_boxes")
+    return reduce_loss((pred_boxes - gt_boxes).abs().sum(-1), reduction)
+
+
+def box_iou_loss(pred_boxes: Tensor, gt_boxes: Tensor, reduction: Reduction = "mean",
+                 eps: float = 1e-6) -> Tensor:
+    """``1 - IoU`` of axis-aligned boxes, per pair (ESAM's `AxisAlignedIoULoss`).
+
+    Args:
+        pred_boxes, gt_boxes: ``(M, 6)`` as (cx, cy, cz, dx, dy, dz).
+    """
+    _check_pairs(pred_boxes, gt_boxes, "pred_boxes", "gt_boxes")
+    iou = _aligned_iou_and_hull(boxes_to_corners(pred_boxes), boxes_to_corners(gt_boxes), eps)[0]
+    return reduce_loss(1 - iou, reduction)
+
+
+def box_giou_loss(pred_boxes: Tensor, gt_boxes: Tensor, reduction: Reduction = "mean",
+                  eps: float = 1e-6) -> Tensor:
+    """``1 - GIoU`` of axis-aligned boxes, per pair: ``GIoU = IoU - (hull - union) / hull``.
+
+    Args:
+        pred_boxes, gt_boxes: ``(M, 6)`` as (cx, cy, cz, dx, dy, dz).
+    """
+    _check_pairs(pred_boxes, gt_boxes, "pred_boxes", "gt_boxes")
+    iou, union, hull = _aligned_iou_and_hull(
+        boxes_to_corners(pred_boxes), boxes_to_corners(gt_boxes), eps)
+    return reduce_loss(1 - (iou - (hull - union) / hull), reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic and contrastive terms.
+
+
+def semantic_cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int,
+                           reduction: Reduction = "mean") -> Tensor:
+    """Cross-entropy over labelled positions, ``-(1/|valid|) sum_i log softmax(z_i)[y_i]``.
+
+    Args:
+        logits: ``(P, C)``.
+        targets: ``(P,)`` in ``[0, C)`` or ``ignore_index``.
+
+    Returns:
+        The mean over labelled positions (a graph-connected zero when none is labelled), or
+        ``(P,)`` with zeros at ignored positions for ``reduction="none"``.
+    """
+    per_pos = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    if reduction == "mean":
+        n_valid = (targets != ignore_index).sum()
+        if int(n_valid) == 0:
+            return 0.0 * logits.sum()
+        return per_pos.sum() / n_valid
+    return reduce_loss(per_pos, reduction)
+
+
+def nt_xent(features: Tensor, targets: Tensor, *, temperature: float = 0.07,
+            symmetric: bool = False, reduction: Reduction = "mean") -> Tensor:
+    """NT-Xent / InfoNCE between paired embeddings.
+
+    ``L = -(1/M) sum_i log softmax_j(cos(f_i, c_j) / tau)_i`` — one cross-entropy over the
+    ``(M, M)`` cosine-similarity matrix with the diagonal as labels. ``symmetric=True`` averages
+    it with the same loss from the other side (rows of ``targets`` against all ``features``).
+
+    Args:
+        features: ``(M, d)`` embeddings (e.g. pooled fused 3-D features).
+        targets: ``(M_t, d)`` embeddings; rows ``0..M-1`` are the positives of ``features`` and
+            any extra rows are extra negatives (e.g. gathered from other ranks).
+        temperature: tau > 0.
+
+    Returns:
+        Scalar (or ``(M,)`` for ``reduction="none"``).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    m = features.shape[0]
+    f = F.normalize(features, dim=-1)
+    c = F.normalize(targets, dim=-1)
+    logits = f @ c.T / temperature  # (M, M_t)
+    labels = torch.arange(m, device=features.device)
+    loss = F.cross_entropy(logits, labels, reduction="none") if m else logits.sum(1) * 0.0
+    if symmetric:
+        back = logits[:, :m].T  # (M, M): rows are targets 0..M-1 against every feature
+        loss_b = F.cross_entropy(back, labels, reduction="none") if m else loss
+        loss = (loss + loss_b) / 2
+    return reduce_loss(loss, reduction)

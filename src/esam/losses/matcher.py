@@ -1,0 +1,243 @@
+"""Assignment of queries to ground-truth instances.
+
+A matcher knows its cost terms and their weights only. It runs in float32 with autocast off and
+no gradient, builds each sample's whole ``(Q, K)`` cost at once, moves all costs to the CPU in
+one transfer (the only host round trip of the objective), and returns, for every sample, a pair
+``(query_idx, gt_idx)`` of int64 tensors on the input device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from esam.losses import functional as LF
+from esam.structures import InstanceMasks
+
+__all__ = [
+    "CostTerm",
+    "QueryClassificationCost",
+    "MaskBCECost",
+    "MaskDiceCost",
+    "HungarianMatcher",
+    "SparseMatcher",
+    "build_costs",
+]
+
+MatchIndices = tuple[Tensor, Tensor]
+
+
+class CostTerm:
+    """A weighted pairwise cost ``(Q, K)`` between queries and GT instances."""
+
+    def __init__(self, weight: float = 1.0):
+        self.weight = float(weight)
+
+    def __call__(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
+                 masks: InstanceMasks) -> Tensor:
+        return self.weight * self.cost(cls_logits, mask_logits, labels, masks)
+
+    def cost(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
+             masks: InstanceMasks) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight={self.weight})"
+
+
+class QueryClassificationCost(CostTerm):
+    """``1 - softmax(c_j)[label_k]`` (seed, ``form="one_minus"``) or ``-softmax`` (ESAM)."""
+
+    def __init__(self, weight: float = 1.0, form: Literal["one_minus", "negative"] = "one_minus"):
+        super().__init__(weight)
+        self.form = form
+
+    def cost(self, cls_logits, mask_logits, labels, masks):
+        return LF.class_cost(cls_logits, labels, self.form)
+
+
+class MaskBCECost(CostTerm):
+    """Mean sigmoid BCE between query and GT masks (``form="bce"``, the seed's name and ESAM's
+    code), or the L1 form the seed prints (``"l1"``; ``"l1_as_printed"`` keeps its 1/N on the
+    first term only)."""
+
+    def __init__(self, weight: float = 1.0, form: Literal["bce", "l1", "l1_as_printed"] = "bce"):
+        super().__init__(weight)
+        if form not in ("bce", "l1", "l1_as_printed"):
+            raise ValueError(f"form: expected 'bce', 'l1' or 'l1_as_printed', got {form!r}")
+        self.form = form
+
+    def cost(self, cls_logits, mask_logits, labels, masks):
+        if self.form == "bce":
+            return LF.mask_bce_cost(mask_logits, masks)
+        return LF.mask_l1_cost(mask_logits, masks, as_printed=self.form == "l1_as_printed")
+
+
+class MaskDiceCost(CostTerm):
+    """Dice cost, seed form ``1 - 2<q,g>/(<q,q>+<g,g>+1)`` or ESAM's
+    ``1 - (2<q,g>+1)/(sum q + sum g + 1)``."""
+
+    def __init__(self, weight: float = 1.0, form: Literal["seed", "esam"] = "seed"):
+        super().__init__(weight)
+        self.form = form
+
+    def cost(self, cls_logits, mask_logits, labels, masks):
+        return LF.mask_dice_cost(mask_logits, masks, self.form)
+
+
+def build_costs(weights: dict[str, float], *, class_form: str = "one_minus",
+                mask_form: str = "bce", dice_form: str = "seed") -> list[CostTerm]:
+    """Cost terms from a ``{"cls": w, "bce": w, "dice": w}`` mapping; zero weights are dropped."""
+    known = {"cls", "bce", "dice"}
+    unknown = set(weights) - known
+    if unknown:
+        raise ValueError(f"matcher costs: unknown term(s) {sorted(unknown)}; expected {sorted(known)}")
+    terms: list[CostTerm] = []
+    if weights.get("cls", 0):
+        terms.append(QueryClassificationCost(weights["cls"], class_form))
+    if weights.get("bce", 0):
+        terms.append(MaskBCECost(weights["bce"], mask_form))
+    if weights.get("dice", 0):
+        terms.append(MaskDiceCost(weights["dice"], dice_form))
+    if not terms:
+        raise ValueError("matcher costs: at least one cost weight must be non-zero")
+    return terms
+
+
+class _Matcher(nn.Module):
+    def __init__(self, costs: Sequence[CostTerm]):
+        super().__init__()
+        if len(costs) == 0:
+            raise ValueError("costs: expected at least one cost term, got none")
+        self.costs = list(costs)
+
+    def _cost(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
+              masks: InstanceMasks) -> Tensor:
+        # fp32, autocast off: half-precision softmax/sigmoid sums can flip assignments.
+        with torch.autocast(cls_logits.device.type, enabled=False):
+            c = cls_logits.float()
+            m = mask_logits.float()
+            total = sum(term(c, m, labels, masks) for term in self.costs)  # (Q, K)
+        return torch.nan_to_num(total, nan=1e8, posinf=1e8, neginf=-1e8)
+
+    @staticmethod
+    def _check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks) -> None:
+        b = len(cls_logits)
+        for name, seq in (("mask_logits", mask_logits), ("gt_labels", gt_labels),
+                          ("gt_masks", gt_masks)):
+            if len(seq) != b:
+                raise ValueError(f"{name}: expected {b} samples (as cls_logits), got {len(seq)}")
+        if query_masks is not None and len(query_masks) != b:
+            raise ValueError(f"query_masks: expected {b} samples, got {len(query_masks)}")
+        for i in range(b):
+            if mask_logits[i].shape[1] != gt_masks[i].num_positions:
+                raise ValueError(
+                    f"mask_logits[{i}]: expected {gt_masks[i].num_positions} positions (as the GT "
+                    f"masks), got shape {tuple(mask_logits[i].shape)}")
+            if len(gt_labels[i]) != len(gt_masks[i]):
+                raise ValueError(f"gt_labels[{i}]: expected {len(gt_masks[i])} labels (one per GT "
+                                 f"mask), got {len(gt_labels[i])}")
+
+
+class HungarianMatcher(_Matcher):
+    """Minimum-cost one-to-one assignment of queries to GT instances (min(Q, K) pairs).
+
+    Args:
+        costs: weighted cost terms, summed.
+    """
+
+    @torch.no_grad()
+    def forward(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
+                gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
+                query_masks: Sequence[Tensor | None] | None = None) -> list[MatchIndices]:
+        """Match every sample of a batch.
+
+        Args:
+            cls_logits: per sample ``(Q_b, C+1)``.
+            mask_logits: per sample ``(Q_b, P_b)``.
+            gt_labels: per sample ``(K_b,)``.
+            gt_masks: per sample K_b masks over P_b positions.
+            query_masks: ignored (accepted for interface parity with `SparseMatcher`).
+
+        Returns:
+            A list of size B of ``(query_idx (M_b,), gt_idx (M_b,))``, sorted by query.
+        """
+        self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
+        costs = [self._cost(c, m, l, g) if len(l) and len(c) else None
+                 for c, m, l, g in zip(cls_logits, mask_logits, gt_labels, gt_masks)]
+        flat = [c.reshape(-1) for c in costs if c is not None]
+        host = torch.cat(flat).cpu().numpy() if flat else np.empty(0)  # one transfer
+        out: list[MatchIndices] = []
+        offset = 0
+        for c, l in zip(costs, gt_labels):
+            if c is None:
+                empty = torch.empty(0, dtype=torch.long, device=l.device)
+                out.append((empty, empty.clone()))
+                continue
+            q, k = c.shape
+            block = host[offset: offset + q * k].reshape(q, k)
+            offset += q * k
+            rows, cols = linear_sum_assignment(block)
+            out.append((torch.as_tensor(rows, dtype=torch.long, device=l.device),
+                        torch.as_tensor(cols, dtype=torch.long, device=l.device)))
+        return out
+
+
+class SparseMatcher(_Matcher):
+    """ESAM's sparse matcher: each GT instance takes its ``topk`` cheapest allowed queries.
+
+    A query is allowed for instance k only where ``query_masks[k, j]`` is True (in ESAM: the
+    query's seed superpoint lies in the instance). A query may match several instances. An
+    instance keeps the queries whose cost is strictly below its (topk+1)-th smallest cost, as the
+    released code does (ties at that boundary drop both). With ``Q <= topk`` every allowed query
+    matches (the released code matches nothing there).
+
+    Args:
+        costs: weighted cost terms, summed.
+        topk: queries kept per GT instance.
+    """
+
+    def __init__(self, costs: Sequence[CostTerm], topk: int = 1):
+        super().__init__(costs)
+        if topk < 1:
+            raise ValueError(f"topk: expected >= 1, got {topk}")
+        self.topk = int(topk)
+
+    @torch.no_grad()
+    def forward(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
+                gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
+                query_masks: Sequence[Tensor | None] | None = None) -> list[MatchIndices]:
+        """Match every sample of a batch (arguments as `HungarianMatcher.forward`).
+
+        Args:
+            query_masks: per sample ``(K_b, Q_b)`` bool, required.
+        """
+        if query_masks is None:
+            raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, got None")
+        self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
+        out: list[MatchIndices] = []
+        for i, (c, m, l, g, qm) in enumerate(
+                zip(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)):
+            q, k = c.shape[0], len(l)
+            if qm is None or qm.shape != (k, q):
+                raise ValueError(f"query_masks[{i}]: expected shape (K={k}, Q={q}), "
+                                 f"got {None if qm is None else tuple(qm.shape)}")
+            if k == 0 or q == 0:
+                empty = torch.empty(0, dtype=torch.long, device=l.device)
+                out.append((empty, empty.clone()))
+                continue
+            cost = self._cost(c, m, l, g)  # (Q, K)
+            cost = cost.masked_fill(~qm.T.bool(), float("inf"))
+            if q <= self.topk:
+                keep = torch.isfinite(cost)
+            else:
+                kth = torch.topk(cost, self.topk + 1, dim=0, largest=False).values[-1:]  # (1, K)
+                keep = cost < kth
+            ids = torch.argwhere(keep)  # (M, 2), row-major: sorted by query
+            out.append((ids[:, 0], ids[:, 1]))
+        return out

@@ -1,0 +1,444 @@
+"""Plain-tensor containers for what the losses consume.
+
+Shape vocabulary used throughout the package: B samples, V frames, N points, S superpoints,
+Q queries, K ground-truth instances, M matched pairs, C classes (+1 for no-object), d features.
+
+Nothing here is framework specific: each container is a dataclass of tensors, with N and K free
+to vary from sample to sample. Validation happens in `__post_init__`, so a malformed input is
+reported where it is built, naming the field, the expected shape and the shape received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MaskLevel = Literal["point", "superpoint"]
+
+__all__ = [
+    "InstanceMasks",
+    "LayerOutput",
+    "FramePrediction",
+    "FrameTarget",
+    "pool_to_superpoints",
+    "boxes_from_instance_ids",
+]
+
+
+def _shape(t: Tensor | None) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def _check(cond: bool, name: str, expected: str, got: Tensor | None | str) -> None:
+    if not cond:
+        got_s = got if isinstance(got, str) else _shape(got)
+        raise ValueError(f"{name}: expected {expected}, got {got_s}")
+
+
+def _check_long(t: Tensor, name: str) -> None:
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
+
+
+class InstanceMasks:
+    """Ground-truth instance masks over P positions (points or superpoints).
+
+    Two encodings with one interface:
+
+    * ids: ``(P,)`` integer tensor, ``ids[i] = k`` when position i belongs to instance k and -1
+      when it belongs to none. Instances cannot overlap; pairwise sums are segment sums, O(Q*P).
+    * dense: ``(K, P)`` boolean tensor. Instances may overlap; pairwise sums are one matmul.
+
+    Every mask term of the objective is written against the three operations below, so both
+    encodings give the same numbers (tested).
+    """
+
+    def __init__(self, *, ids: Tensor | None = None, dense: Tensor | None = None,
+                 num_instances: int | None = None):
+        if (ids is None) == (dense is None):
+            raise ValueError("InstanceMasks: give exactly one of `ids` (P,) or `dense` (K, P)")
+        if ids is not None:
+            _check(ids.dim() == 1, "ids", "shape (P,)", ids)
+            _check_long(ids, "ids")
+            ids = ids.long()
+            k_max = int(ids.max()) + 1 if ids.numel() else 0
+            if ids.numel() and int(ids.min()) < -1:
+                raise ValueError(f"ids: expected values in [-1, K), got minimum {int(ids.min())}")
+            if num_instances is None:
+                num_instances = k_max
+            elif k_max > num_instances:
+                raise ValueError(
+                    f"ids: values must be < num_instances={num_instances}, got maximum {k_max - 1}")
+            self.num_instances = int(num_instances)
+            self.num_positions = ids.shape[0]
+        else:
+            _check(dense.dim() == 2, "dense", "shape (K, P)", dense)
+            if dense.dtype != torch.bool:
+                if dense.is_floating_point() or dense.dtype.is_complex:
+                    raise ValueError(f"dense: expected a bool (K, P) tensor, got dtype {dense.dtype}")
+                dense = dense != 0
+            if num_instances is not None and num_instances != dense.shape[0]:
+                raise ValueError(
+                    f"dense: expected {num_instances} rows (num_instances), got {dense.shape[0]}")
+            self.num_instances = dense.shape[0]
+            self.num_positions = dense.shape[1]
+        self.ids = ids
+        self.dense = dense
+
+    @property
+    def device(self) -> torch.device:
+        return (self.ids if self.ids is not None else self.dense).device
+
+    def __len__(self) -> int:
+        return self.num_instances
+
+    def segment_sum(self, values: Tensor) -> Tensor:
+        """Sum ``values (R, P)`` over each instance's positions -> ``(R, K)``."""
+        r = values.shape[0]
+        if self.dense is not None:
+            return values @ self.dense.to(values.dtype).T  # (R, K)
+        out = values.new_zeros(r, self.num_instances + 1)
+        # Column 0 collects positions outside every instance and is dropped.
+        return out.index_add_(1, self.ids + 1, values)[:, 1:]  # (R, K)
+
+    def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Number of positions of each instance -> ``(K,)``."""
+        if self.dense is not None:
+            return self.dense.sum(1).to(dtype)
+        counts = torch.bincount(self.ids + 1, minlength=self.num_instances + 1)[1:]
+        return counts.to(dtype)
+
+    def rows(self, instance_idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Binary masks of the given instances -> ``(M, P)`` of ``dtype``."""
+        if self.dense is not None:
+            return self.dense[instance_idx].to(dtype)
+        return (self.ids.unsqueeze(0) == instance_idx.unsqueeze(1)).to(dtype)
+
+    def to_dense(self) -> Tensor:
+        """``(K, P)`` boolean masks."""
+        if self.dense is not None:
+            return self.dense
+        k = torch.arange(self.num_instances, device=self.ids.device)
+        return self.ids.unsqueeze(0) == k.unsqueeze(1)
+
+    def to(self, device: torch.device | str) -> InstanceMasks:
+        if self.ids is not None:
+            return InstanceMasks(ids=self.ids.to(device), num_instances=self.num_instances)
+        return InstanceMasks(dense=self.dense.to(device))
+
+
+def pool_to_superpoints(labels: Tensor, superpoints: Tensor, num_superpoints: int,
+                        num_values: int, *, ignore_value: int, mode: str = "plurality") -> Tensor:
+    """Pool per-point labels to superpoints by vote.
+
+    Args:
+        labels: ``(N,)`` integers in ``[0, num_values)``, or ``ignore_value``.
+        superpoints: ``(N,)`` superpoint index of every point, in ``[0, S)``.
+        num_superpoints: S.
+        num_values: number of label values (classes, or instances).
+        ignore_value: label of points that vote for nothing (and of superpoints that get no vote).
+        mode: ``"plurality"`` — the most frequent label, unlabeled points voting for
+            ``ignore_value`` (ties to the smallest label), as ESAM takes the argmax of per-superpoint
+            class frequencies over C+1 columns; ``"majority"`` — a label only when it holds
+            more than half of the superpoint's points, as ESAM's superpoint instance masks do.
+
+    Returns:
+        ``(S,)`` pooled labels.
+    """
+    if mode not in ("plurality", "majority"):
+        raise ValueError(f"mode: expected 'plurality' or 'majority', got {mode!r}")
+    valid = (labels >= 0) & (labels < num_values) & (labels != ignore_value)
+    sp = superpoints.long()
+    counts = torch.zeros(num_superpoints, num_values + 1, device=labels.device)
+    lab = torch.where(valid, labels.long(), torch.full_like(labels.long(), num_values))
+    counts.index_put_((sp, lab), torch.ones_like(sp, dtype=counts.dtype), accumulate=True)
+    total = counts.sum(1)  # (S,) every point, voters or not
+    if mode == "plurality":
+        # Unlabeled points vote too (for "ignore"), as ESAM's argmax over C+1 frequencies does;
+        # ties go to the smallest label, so a labelled class wins a tie with "ignore".
+        _, best = counts.max(1)
+        keep = (best < num_values) & (total > 0)
+    else:
+        best_count, best = counts[:, :num_values].max(1)
+        keep = best_count > 0.5 * total
+    return torch.where(keep, best, torch.full_like(best, ignore_value))
+
+
+def boxes_from_instance_ids(points: Tensor, ids: Tensor, num_instances: int) -> Tensor:
+    """Axis-aligned boxes ``(K, 6)`` = (cx, cy, cz, dx, dy, dz) of each instance's points.
+
+    Args:
+        points: ``(N, 3)`` xyz.
+        ids: ``(N,)`` instance index in ``[-1, K)``; -1 is no instance.
+        num_instances: K. Instances without points get a zero box.
+    """
+    valid = ids >= 0
+    idx = ids[valid].long()
+    pts = points[valid]
+    big = torch.finfo(points.dtype).max
+    lo = points.new_full((num_instances, 3), big).scatter_reduce(
+        0, idx.unsqueeze(1).expand(-1, 3), pts, reduce="amin")
+    hi = points.new_full((num_instances, 3), -big).scatter_reduce(
+        0, idx.unsqueeze(1).expand(-1, 3), pts, reduce="amax")
+    empty = torch.bincount(idx, minlength=num_instances) == 0
+    lo = torch.where(empty.unsqueeze(1), torch.zeros_like(lo), lo)
+    hi = torch.where(empty.unsqueeze(1), torch.zeros_like(hi), hi)
+    return torch.cat([(lo + hi) / 2, hi - lo], dim=1)
+
+
+@dataclass
+class LayerOutput:
+    """One decoder layer's query outputs for one sample (one frame).
+
+    Attributes:
+        cls_logits: ``(Q, C+1)`` class logits; the last column is no-object.
+        mask_logits: ``(Q, N)`` point-level or ``(Q, S)`` superpoint-level mask logits.
+        mask_level: which of the two ``mask_logits`` holds ("point" or "superpoint"); ESAM's
+            ``mask_pred_mode`` "P" / "SP".
+        scores: ``(Q,)`` or ``(Q, 1)`` predicted mask quality (regressed to the mask IoU), or None.
+        box_preds: ``(Q, 6)`` predicted box (cx, cy, cz, dx, dy, dz), or — when ``query_centers`` is
+            given — a centre offset from it followed by the size, as ESAM predicts; or None.
+        query_centers: ``(Q, 3)`` position each query was seeded at, or None.
+    """
+
+    cls_logits: Tensor
+    mask_logits: Tensor
+    mask_level: MaskLevel = "point"
+    scores: Tensor | None = None
+    box_preds: Tensor | None = None
+    query_centers: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.cls_logits.dim() == 2, "cls_logits", "shape (Q, C+1)", self.cls_logits)
+        q = self.cls_logits.shape[0]
+        _check(self.cls_logits.shape[1] >= 2, "cls_logits",
+               "shape (Q, C+1) with at least one class and the no-object column", self.cls_logits)
+        _check(self.mask_logits.dim() == 2 and self.mask_logits.shape[0] == q, "mask_logits",
+               f"shape (Q={q}, N or S)", self.mask_logits)
+        if self.mask_level not in ("point", "superpoint"):
+            raise ValueError(f"mask_level: expected 'point' or 'superpoint', got {self.mask_level!r}")
+        if self.scores is not None:
+            ok = self.scores.shape in ((q,), (q, 1))
+            _check(ok, "scores", f"shape (Q={q},) or (Q={q}, 1)", self.scores)
+        if self.box_preds is not None:
+            _check(self.box_preds.shape == (q, 6), "box_preds", f"shape (Q={q}, 6)", self.box_preds)
+        if self.query_centers is not None:
+            _check(self.query_centers.shape == (q, 3), "query_centers", f"shape (Q={q}, 3)",
+                   self.query_centers)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and not v.is_floating_point():
+                raise ValueError(f"{f.name}: expected a floating-point tensor, got dtype {v.dtype}")
+
+    @property
+    def num_queries(self) -> int:
+        return self.cls_logits.shape[0]
+
+    def boxes(self) -> Tensor | None:
+        """Predicted boxes ``(Q, 6)`` in (cx, cy, cz, dx, dy, dz)."""
+        if self.box_preds is None:
+            return None
+        if self.query_centers is None:
+            return self.box_preds
+        return torch.cat([self.query_centers + self.box_preds[:, :3], self.box_preds[:, 3:]], 1)
+
+
+@dataclass
+class FramePrediction:
+    """Everything a model predicts for one frame of one sample.
+
+    Attributes:
+        layers: decoder layers in order; the last one is the final prediction, the others are
+            deep-supervision (auxiliary) outputs.
+        semantic_logits: ``(N, C)`` / ``(S, C)`` (or ``C+1`` columns, see
+            `ScanNetSemanticCriterion`) semantic logits, or None.
+        semantic_level: "point" or "superpoint" for ``semantic_logits``.
+        query_features: ``(Q, d)`` query embeddings (cross-frame terms), or None.
+        merge_features: ``(Q, d)`` merge embeddings (online merge terms), or None.
+        fused_global: ``(M, d)`` pooled fused 3-D features (CLIP term), or None.
+        clip_global: ``(M, d)`` image CLS embeddings paired row by row with ``fused_global``.
+    """
+
+    layers: list[LayerOutput]
+    semantic_logits: Tensor | None = None
+    semantic_level: MaskLevel = "point"
+    query_features: Tensor | None = None
+    merge_features: Tensor | None = None
+    fused_global: Tensor | None = None
+    clip_global: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, LayerOutput):
+            self.layers = [self.layers]
+        if len(self.layers) == 0:
+            raise ValueError("layers: expected at least one LayerOutput, got an empty list")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerOutput):
+                raise ValueError(f"layers[{i}]: expected a LayerOutput, got {type(layer).__name__}")
+        if self.semantic_logits is not None:
+            _check(self.semantic_logits.dim() == 2, "semantic_logits", "shape (N or S, C)",
+                   self.semantic_logits)
+        if self.semantic_level not in ("point", "superpoint"):
+            raise ValueError(
+                f"semantic_level: expected 'point' or 'superpoint', got {self.semantic_level!r}")
+        q = self.layers[-1].num_queries
+        for name in ("query_features", "merge_features"):
+            t = getattr(self, name)
+            if t is not None:
+                _check(t.dim() == 2 and t.shape[0] == q, name, f"shape (Q={q}, d)", t)
+        if (self.fused_global is None) != (self.clip_global is None):
+            raise ValueError("fused_global and clip_global: give both or neither")
+        if self.fused_global is not None:
+            _check(self.fused_global.dim() == 2, "fused_global", "shape (M, d)", self.fused_global)
+            _check(self.clip_global.shape == self.fused_global.shape, "clip_global",
+                   f"shape {tuple(self.fused_global.shape)} (same as fused_global)", self.clip_global)
+
+    @property
+    def final(self) -> LayerOutput:
+        return self.layers[-1]
+
+
+@dataclass
+class FrameTarget:
+    """Ground truth of one frame of one sample.
+
+    Give the instance masks either as per-point ids (``instance_ids``, the fast path) or as dense
+    masks (``instance_masks``); superpoint-level masks are derived from the point level and
+    ``superpoints`` by majority vote (as ESAM builds ``sp_masks``) unless given.
+
+    Attributes:
+        labels: ``(K,)`` instance class in ``[0, C)``.
+        instance_ids: ``(N,)`` instance index in ``[-1, K)`` (-1: no instance).
+        instance_masks: ``(K, N)`` bool, alternative to ``instance_ids``.
+        superpoints: ``(N,)`` superpoint index in ``[0, S)``.
+        sp_instance_ids / sp_instance_masks: superpoint-level masks ``(S,)`` / ``(K, S)``.
+        semantic: ``(N,)`` semantic class per point; ``ignore_index`` marks unlabeled points.
+        sp_semantic: ``(S,)`` semantic class per superpoint (else pooled by plurality vote).
+        boxes: ``(K, 6)`` (cx, cy, cz, dx, dy, dz) instance boxes.
+        query_masks: ``(K, Q)`` bool: query j may match instance k (ESAM's `SparseMatcher`).
+        global_ids: ``(K,)`` identity of each instance across the frames of a sequence.
+        points: ``(N, 3)`` world-frame xyz (cross-frame targets, boxes).
+    """
+
+    labels: Tensor
+    instance_ids: Tensor | None = None
+    instance_masks: Tensor | None = None
+    superpoints: Tensor | None = None
+    sp_instance_ids: Tensor | None = None
+    sp_instance_masks: Tensor | None = None
+    semantic: Tensor | None = None
+    sp_semantic: Tensor | None = None
+    boxes: Tensor | None = None
+    query_masks: Tensor | None = None
+    global_ids: Tensor | None = None
+    points: Tensor | None = None
+    num_superpoints: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check(self.labels.dim() == 1, "labels", "shape (K,)", self.labels)
+        _check_long(self.labels, "labels")
+        k = self.labels.shape[0]
+        if self.instance_ids is None and self.instance_masks is None:
+            raise ValueError("FrameTarget: give instance_ids (N,) or instance_masks (K, N)")
+        if self.instance_ids is not None and self.instance_masks is not None:
+            raise ValueError("FrameTarget: give only one of instance_ids and instance_masks")
+        if self.instance_ids is not None:
+            _check(self.instance_ids.dim() == 1, "instance_ids", "shape (N,)", self.instance_ids)
+            n = self.instance_ids.shape[0]
+        else:
+            _check(self.instance_masks.dim() == 2 and self.instance_masks.shape[0] == k,
+                   "instance_masks", f"shape (K={k}, N)", self.instance_masks)
+            n = self.instance_masks.shape[1]
+        self.num_points = n
+        if self.superpoints is not None:
+            _check(self.superpoints.shape == (n,), "superpoints", f"shape (N={n},)", self.superpoints)
+            _check_long(self.superpoints, "superpoints")
+            if self.num_superpoints is None:
+                self.num_superpoints = int(self.superpoints.max()) + 1 if n else 0
+        if self.sp_instance_masks is not None:
+            _check(self.sp_instance_masks.dim() == 2 and self.sp_instance_masks.shape[0] == k,
+                   "sp_instance_masks", f"shape (K={k}, S)", self.sp_instance_masks)
+            self.num_superpoints = self.sp_instance_masks.shape[1]
+        if self.sp_instance_ids is not None:
+            _check(self.sp_instance_ids.dim() == 1, "sp_instance_ids", "shape (S,)",
+                   self.sp_instance_ids)
+            self.num_superpoints = self.sp_instance_ids.shape[0]
+        if self.semantic is not None:
+            _check(self.semantic.shape == (n,), "semantic", f"shape (N={n},)", self.semantic)
+            _check_long(self.semantic, "semantic")
+        if self.boxes is not None:
+            _check(self.boxes.shape == (k, 6), "boxes", f"shape (K={k}, 6)", self.boxes)
+        if self.query_masks is not None:
+            _check(self.query_masks.dim() == 2 and self.query_masks.shape[0] == k, "query_masks",
+                   f"shape (K={k}, Q)", self.query_masks)
+        if self.global_ids is not None:
+            _check(self.global_ids.shape == (k,), "global_ids", f"shape (K={k},)", self.global_ids)
+        if self.points is not None:
+            _check(self.points.shape == (n, 3), "points", f"shape (N={n}, 3)", self.points)
+
+    @property
+    def num_instances(self) -> int:
+        return self.labels.shape[0]
+
+    def point_masks(self) -> InstanceMasks:
+        """Point-level GT masks."""
+        if "point" not in self._cache:
+            if self.instance_ids is not None:
+                m = InstanceMasks(ids=self.instance_ids, num_instances=self.num_instances)
+            else:
+                m = InstanceMasks(dense=self.instance_masks)
+            self._cache["point"] = m
+        return self._cache["point"]
+
+    def superpoint_masks(self) -> InstanceMasks:
+        """Superpoint-level GT masks: given, or a majority vote of the point level."""
+        if "superpoint" not in self._cache:
+            if self.sp_instance_masks is not None:
+                m = InstanceMasks(dense=self.sp_instance_masks)
+            elif self.sp_instance_ids is not None:
+                m = InstanceMasks(ids=self.sp_instance_ids, num_instances=self.num_instances)
+            else:
+                if self.superpoints is None:
+                    raise ValueError(
+                        "superpoints: needed (N,) to derive superpoint-level masks for a "
+                        "superpoint-level prediction; got None")
+                s = self.num_superpoints
+                k = self.num_instances
+                if self.instance_ids is not None:
+                    ids = pool_to_superpoints(self.instance_ids, self.superpoints, s, k,
+                                              ignore_value=-1, mode="majority")
+                    m = InstanceMasks(ids=ids, num_instances=k)
+                else:
+                    # Overlapping dense masks: per instance, more than half of the superpoint.
+                    sp = self.superpoints.long()
+                    cnt = torch.zeros(k, s, device=sp.device).index_add_(
+                        1, sp, self.instance_masks.float())
+                    tot = torch.bincount(sp, minlength=s).float()
+                    m = InstanceMasks(dense=cnt > 0.5 * tot)
+            self._cache["superpoint"] = m
+        return self._cache["superpoint"]
+
+    def masks(self, level: MaskLevel) -> InstanceMasks:
+        return self.point_masks() if level == "point" else self.superpoint_masks()
+
+    def semantic_targets(self, level: MaskLevel, ignore_index: int, num_classes: int) -> Tensor:
+        """Semantic labels at point level ``(N,)`` or superpoint level ``(S,)``."""
+        if level == "point":
+            if self.semantic is None:
+                raise ValueError("semantic: needed (N,) for the semantic loss; got None")
+            return self.semantic.long()
+        if self.sp_semantic is not None:
+            return self.sp_semantic.long()
+        if self.semantic is None or self.superpoints is None:
+            raise ValueError("sp_semantic: needed (S,), or semantic (N,) and superpoints (N,) to "
+                             "pool it; got None")
+        key = ("sp_semantic", ignore_index, num_classes)
+        if key not in self._cache:
+            self._cache[key] = pool_to_superpoints(
+                self.semantic, self.superpoints, self.num_superpoints, num_classes,
+                ignore_value=ignore_index, mode="plurality")
+        return self._cache[key]

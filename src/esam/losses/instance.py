@@ -1,0 +1,343 @@
+"""Hungarian-matched instance losses: class CE, mask BCE, mask Dice, score, box.
+
+One code path serves every decoder layer: `InstanceCriterion` loops over layers, suffixes the
+keys of auxiliary layers with ``_{i}`` (the final layer has none), and re-matches each layer
+when ``iter_matcher`` is on. Terms are computed per matched pair for the whole batch and only
+then reduced, so the three normalisations (``"matched"``, ``"seed"``, ``"esam"``) differ in one
+small function, `_reduce_terms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from esam.losses import functional as LF
+from esam.losses._dist import global_mean_count
+from esam.losses.matcher import HungarianMatcher, SparseMatcher
+from esam.structures import FramePrediction, FrameTarget, LayerOutput
+
+__all__ = ["InstanceCriterion", "MixedInstanceCriterion", "InstanceWeights"]
+
+Normalization = Literal["matched", "seed", "esam"]
+BoxLoss = Literal["l1", "iou", "giou"]
+MatchIndices = tuple[Tensor, Tensor]
+
+
+@dataclass
+class InstanceWeights:
+    """Weights of the instance terms (w0..w4 of the spec). ESAM: 0.5, 1, 1, 0.5, 0.5."""
+
+    cls: float = 1.0
+    bce: float = 1.0
+    dice: float = 1.0
+    score: float = 1.0
+    bbox: float = 1.0
+
+
+@dataclass
+class _LayerPairs:
+    """Per-pair and per-query raw losses of one layer, for the whole batch."""
+
+    sample: Tensor  # (M,) sample of each pair
+    bce: Tensor  # (M,)
+    dice: Tensor  # (M,)
+    score: Tensor | None  # (M,) squared error, or None without a score head
+    score_keep: Tensor | None  # (M,) bool, pairs that enter the score loss
+    box: Tensor | None  # (M,)
+    ce: Tensor  # (sum Q,) per-query CE
+    ce_weight: Tensor  # (sum Q,) class weight of each query's target
+    query_sample: Tensor  # (sum Q,) sample of each query
+    num_samples: int
+
+
+def _segment_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
+    return values.new_zeros(size).index_add_(0, index, values)
+
+
+class InstanceCriterion(nn.Module):
+    """Instance losses after matching, over every decoder layer.
+
+    Args:
+        matcher: a `HungarianMatcher` or `SparseMatcher`.
+        num_classes: C instance classes (1 for class-agnostic); the no-object class is C.
+        weights: term weights; a term whose weight is 0 is not computed.
+        no_object_weight: class weight of no-object in the class CE, with PyTorch's weighted-mean
+            semantics (ESAM 0.1; 1 gives the seed's plain mean).
+        dice_form: ``"seed"`` ``1 - 2<q,g>/(<q,q>+<g,g>+1)`` or ``"esam"``
+            ``1 - (2<q,g>+1)/(sum q + sum g + 1)``.
+        normalization: ``"matched"`` (default) — mask, score and box terms summed over the batch's
+            matched pairs and divided by their number (all-reduced under DDP, clamped at 1), class
+            CE a weighted mean over all queries of the batch; ``"seed"`` — the seed's per-sample
+            ``1/Q`` (class, BCE, Dice) and ``1/|M|`` (score, box), averaged over samples;
+            ``"esam"`` — the released code: per-sample means summed and divided by B, shaped by
+            ``fix_dice_loss_weight``, ``fix_mean_loss`` and ``final_dice_sum``.
+        score_iou_threshold: pairs enter the score loss only when their mask IoU is above this
+            (ESAM: 0.5; seed: None, every pair).
+        box_loss: ``None`` (no box term), ``"l1"`` (seed), ``"iou"`` (1 - IoU, ESAM) or ``"giou"``.
+        iter_matcher: re-match every auxiliary layer (ESAM: True); otherwise reuse the final
+            layer's assignment.
+        aux_loss: supervise auxiliary layers too (deep supervision).
+        fix_dice_loss_weight: ``"esam"`` only — ESAM's ``Dice / B * 4`` ("fix for batch size != 4").
+        fix_mean_loss: ``"esam"`` only — divide BCE and Dice by the number of samples with matches
+            instead of B. The released code divides by samples with GT rows and returns NaN when one
+            of them has no match; we skip such samples (same value whenever the released one is
+            finite).
+        final_dice_sum: ``"esam"`` only — the final layer's Dice is summed over samples without the
+            1/B that auxiliary layers get (ESAM's quirk; on in the ``esam`` preset).
+    """
+
+    def __init__(self, *, matcher: HungarianMatcher | SparseMatcher, num_classes: int,
+                 weights: InstanceWeights | dict | None = None, no_object_weight: float = 1.0,
+                 dice_form: LF.DiceForm = "seed", normalization: Normalization = "matched",
+                 score_iou_threshold: float | None = None, box_loss: BoxLoss | None = None,
+                 iter_matcher: bool = True, aux_loss: bool = True,
+                 fix_dice_loss_weight: bool = False, fix_mean_loss: bool = False,
+                 final_dice_sum: bool = False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
+        if normalization not in ("matched", "seed", "esam"):
+            raise ValueError(
+                f"normalization: expected 'matched', 'seed' or 'esam', got {normalization!r}")
+        if dice_form not in ("seed", "esam"):
+            raise ValueError(f"dice_form: expected 'seed' or 'esam', got {dice_form!r}")
+        if box_loss not in (None, "l1", "iou", "giou"):
+            raise ValueError(f"box_loss: expected None, 'l1', 'iou' or 'giou', got {box_loss!r}")
+        if isinstance(weights, dict):
+            weights = InstanceWeights(**weights)
+        self.matcher = matcher
+        self.num_classes = num_classes
+        self.weights = weights or InstanceWeights()
+        self.dice_form = dice_form
+        self.normalization = normalization
+        self.score_iou_threshold = score_iou_threshold
+        self.box_loss = box_loss
+        self.iter_matcher = iter_matcher
+        self.aux_loss = aux_loss
+        self.fix_dice_loss_weight = fix_dice_loss_weight
+        self.fix_mean_loss = fix_mean_loss
+        self.final_dice_sum = final_dice_sum
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = no_object_weight
+        self.register_buffer("class_weight", class_weight)
+
+    # -- matching -----------------------------------------------------------------------------
+
+    def match(self, layers: Sequence[LayerOutput],
+              targets: Sequence[FrameTarget]) -> list[MatchIndices]:
+        """Assign one decoder layer's queries (one `LayerOutput` per sample) to GT instances."""
+        return self.matcher(
+            [l.cls_logits for l in layers], [l.mask_logits for l in layers],
+            [t.labels for t in targets], [t.masks(l.mask_level) for l, t in zip(layers, targets)],
+            [t.query_masks for t in targets])
+
+    # -- per layer ----------------------------------------------------------------------------
+
+    def _layer_pairs(self, layers: Sequence[LayerOutput], targets: Sequence[FrameTarget],
+                     indices: Sequence[MatchIndices]) -> _LayerPairs:
+        w = self.weights
+        use_score = w.score != 0 and all(l.scores is not None for l in layers)
+        use_box = self.box_loss is not None and w.bbox != 0
+        bce, dice, score, keep, box, sample = [], [], [], [], [], []
+        logits, cls_target = [], []
+        for b, (layer, tgt, (qi, ki)) in enumerate(zip(layers, targets, indices)):
+            c = self.num_classes
+            if layer.cls_logits.shape[1] != c + 1:
+                raise ValueError(f"cls_logits: expected (Q, C+1={c + 1}) columns, got shape "
+                                 f"{tuple(layer.cls_logits.shape)}")
+            if len(tgt.labels) and (int(tgt.labels.min()) < 0 or int(tgt.labels.max()) >= c):
+                raise ValueError(f"labels: expected instance classes in [0, {c}), got range "
+                                 f"[{int(tgt.labels.min())}, {int(tgt.labels.max())}]")
+            target = torch.full((layer.num_queries,), c, dtype=torch.long,
+                                device=layer.cls_logits.device)
+            target[qi] = tgt.labels[ki].long()
+            logits.append(layer.cls_logits)
+            cls_target.append(target)
+            sample.append(torch.full_like(qi, b))
+            pred = layer.mask_logits[qi]  # (M_b, P)
+            gt = tgt.masks(layer.mask_level).rows(ki, pred.dtype)  # (M_b, P)
+            bce.append(LF.sigmoid_bce_loss(pred, gt, reduction="none"))
+            dice.append(LF.dice_loss(pred, gt, self.dice_form, reduction="none"))
+            if use_score:
+                iou = LF.mask_iou(pred, gt)
+                s = layer.scores.reshape(-1)[qi]
+                score.append(LF.score_loss(s, iou, reduction="none"))
+                thr = self.score_iou_threshold
+                keep.append(iou > thr if thr is not None else torch.ones_like(iou, dtype=torch.bool))
+            if use_box:
+                pred_boxes = layer.boxes()
+                if pred_boxes is None:
+                    raise ValueError(f"box_preds: box_loss={self.box_loss!r} needs (Q, 6) box "
+                                     f"predictions on every layer, got None (sample {b})")
+                if tgt.boxes is None:
+                    raise ValueError(f"boxes: box_loss={self.box_loss!r} needs (K, 6) GT boxes, "
+                                     f"got None (sample {b})")
+                box.append(self._box_term(pred_boxes[qi], tgt.boxes[ki].to(pred_boxes.dtype)))
+        cat_logits = torch.cat(logits)  # (sum Q, C+1)
+        cat_target = torch.cat(cls_target)  # (sum Q,)
+        ce = F.cross_entropy(cat_logits, cat_target, reduction="none")
+        cw = self.class_weight.to(ce.dtype)[cat_target]
+        q_sample = torch.repeat_interleave(
+            torch.arange(len(layers), device=ce.device),
+            torch.tensor([l.num_queries for l in layers], device=ce.device))
+        return _LayerPairs(
+            sample=torch.cat(sample), bce=torch.cat(bce), dice=torch.cat(dice),
+            score=torch.cat(score) if use_score else None,
+            score_keep=torch.cat(keep) if use_score else None,
+            box=torch.cat(box) if use_box else None,
+            ce=ce, ce_weight=cw, query_sample=q_sample, num_samples=len(layers))
+
+    def _box_term(self, pred: Tensor, gt: Tensor) -> Tensor:
+        if self.box_loss == "l1":
+            return LF.box_l1_loss(pred, gt, reduction="none")
+        if self.box_loss == "iou":
+            return LF.box_iou_loss(pred, gt, reduction="none")
+        return LF.box_giou_loss(pred, gt, reduction="none")
+
+    def _reduce_terms(self, p: _LayerPairs, final: bool, anchor: Tensor) -> dict[str, Tensor]:
+        """Per-pair losses -> one value per term, by the chosen normalisation."""
+        w = self.weights
+        b = p.num_samples
+        zero = 0.0 * anchor
+        m_b = torch.bincount(p.sample, minlength=b).to(p.bce.dtype)  # (B,) pairs per sample
+        q_b = torch.bincount(p.query_sample, minlength=b).to(p.ce.dtype)  # (B,)
+        has = m_b > 0
+        out: dict[str, Tensor] = {}
+
+        def per_sample(values: Tensor, index: Tensor) -> Tensor:
+            return _segment_sum(values, index, b)
+
+        if w.cls != 0:
+            wce = per_sample(p.ce * p.ce_weight, p.query_sample)  # (B,)
+            ws = per_sample(p.ce_weight, p.query_sample)
+            if self.normalization == "matched":
+                out["cls"] = wce.sum() / ws.sum().clamp(min=1e-12)
+            else:
+                out["cls"] = (wce / ws.clamp(min=1e-12)).mean()
+
+        mask_terms = [t for t in ("bce", "dice") if getattr(w, t) != 0]
+        if self.normalization == "matched":
+            n = global_mean_count(len(p.sample), anchor.device)
+            for t in mask_terms:
+                out[t] = getattr(p, t).sum() / n + zero
+            if p.box is not None:
+                out["bbox"] = p.box.sum() / n + zero
+            if p.score is not None:
+                kept = p.score_keep.to(p.score.dtype)
+                out["score"] = (p.score * kept).sum() / global_mean_count(
+                    kept.sum(), anchor.device) + zero
+        elif self.normalization == "seed":
+            for t in mask_terms:
+                out[t] = (per_sample(getattr(p, t), p.sample) / q_b.clamp(min=1)).mean() + zero
+            if p.box is not None:
+                out["bbox"] = (per_sample(p.box, p.sample) / m_b.clamp(min=1)).mean() + zero
+            if p.score is not None:
+                kept = p.score_keep.to(p.score.dtype)
+                k_b = per_sample(kept, p.sample)
+                out["score"] = (per_sample(p.score * kept, p.sample) / k_b.clamp(min=1)).mean() + zero
+        else:  # "esam": per-sample means, summed, divided by B (and its compatibility switches)
+            n_has = has.sum().clamp(min=1).to(p.bce.dtype)
+            for t in mask_terms:
+                s = (per_sample(getattr(p, t), p.sample) / m_b.clamp(min=1)).sum()
+                if not (t == "dice" and final and self.final_dice_sum):
+                    s = s / b
+                if t == "dice" and self.fix_dice_loss_weight:
+                    s = s / b * 4
+                if self.fix_mean_loss:
+                    s = s * b / n_has
+                out[t] = s + zero
+            if p.box is not None:
+                out["bbox"] = (per_sample(p.box, p.sample) / m_b.clamp(min=1)).sum() / b + zero
+            if p.score is not None:
+                kept = p.score_keep.to(p.score.dtype)
+                k_b = per_sample(kept, p.sample)
+                out["score"] = (per_sample(p.score * kept, p.sample)
+                                / k_b.clamp(min=1)).sum() / b + zero
+        return out
+
+    # -- public ------------------------------------------------------------------------------
+
+    def compute(self, predictions: Sequence[FramePrediction], targets: Sequence[FrameTarget],
+                indices: Sequence[MatchIndices] | None = None,
+                ) -> tuple[dict[str, Tensor], list[MatchIndices]]:
+        """Losses and the final layer's assignment.
+
+        Args:
+            predictions: B frame predictions (one per sample).
+            targets: B frame targets.
+            indices: optional precomputed final-layer assignment.
+
+        Returns:
+            ``(terms, final_indices)``: ``terms`` holds raw (unweighted) terms ``loss_cls``,
+            ``loss_bce``, ``loss_dice``, ``loss_score``, ``loss_bbox`` for the final layer,
+            ``loss_<term>_<i>`` for auxiliary layer i, and ``loss``, the weighted sum over every
+            term and layer.
+        """
+        if len(predictions) != len(targets):
+            raise ValueError(f"targets: expected {len(predictions)} samples (as predictions), "
+                             f"got {len(targets)}")
+        if len(predictions) == 0:
+            raise ValueError("predictions: expected at least one sample, got an empty list")
+        n_layers = {len(p.layers) for p in predictions}
+        if len(n_layers) != 1:
+            raise ValueError(f"predictions: every sample must have the same number of decoder "
+                             f"layers, got {sorted(n_layers)}")
+        n_layers = n_layers.pop()
+        w = self.weights
+        weight_of = {"cls": w.cls, "bce": w.bce, "dice": w.dice, "score": w.score, "bbox": w.bbox}
+        with torch.autocast(predictions[0].final.cls_logits.device.type, enabled=False):
+            layers_by_depth = [[_fp32(p.layers[i]) for p in predictions] for i in range(n_layers)]
+            final_layers = layers_by_depth[-1]
+            final_indices = list(indices) if indices is not None else self.match(final_layers, targets)
+            terms: dict[str, Tensor] = {}
+            total = None
+            depths = range(n_layers) if self.aux_loss else [n_layers - 1]
+            for i in depths:
+                final = i == n_layers - 1
+                layers = layers_by_depth[i]
+                idx = final_indices if (final or not self.iter_matcher) else self.match(layers, targets)
+                anchor = sum(l.mask_logits.sum() + l.cls_logits.sum() for l in layers)
+                values = self._reduce_terms(self._layer_pairs(layers, targets, idx), final, anchor)
+                suffix = "" if final else f"_{i}"
+                for name, v in values.items():
+                    terms[f"loss_{name}{suffix}"] = v
+                    total = weight_of[name] * v if total is None else total + weight_of[name] * v
+        terms["loss"] = total if total is not None else 0.0 * anchor
+        return terms, final_indices
+
+    def forward(self, predictions: Sequence[FramePrediction],
+                targets: Sequence[FrameTarget]) -> dict[str, Tensor]:
+        """Raw terms per layer and ``loss``, their weighted sum (see `compute`)."""
+        return self.compute(predictions, targets)[0]
+
+
+class MixedInstanceCriterion(InstanceCriterion):
+    """`InstanceCriterion` with the box term on (ESAM's point/superpoint "mixed" criterion).
+
+    Layers may mix superpoint-level and point-level masks (ESAM's ``mask_pred_mode``, set per
+    `LayerOutput.mask_level`). ``box_loss`` defaults to ``"iou"`` (ESAM); ``"l1"`` is the seed's.
+    """
+
+    def __init__(self, *, box_loss: BoxLoss = "iou", **kwargs):
+        if box_loss is None:
+            raise ValueError("box_loss: MixedInstanceCriterion needs 'l1', 'iou' or 'giou', got None")
+        super().__init__(box_loss=box_loss, **kwargs)
+
+
+def _fp32(layer: LayerOutput) -> LayerOutput:
+    """The layer with half-precision tensors promoted to float32 (losses are computed in fp32)."""
+    def up(t: Tensor | None) -> Tensor | None:
+        return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+    if all(t is None or t.dtype not in (torch.float16, torch.bfloat16)
+           for t in (layer.cls_logits, layer.mask_logits, layer.scores, layer.box_preds,
+                     layer.query_centers)):
+        return layer
+    return LayerOutput(cls_logits=up(layer.cls_logits), mask_logits=up(layer.mask_logits),
+                       mask_level=layer.mask_level, scores=up(layer.scores),
+                       box_preds=up(layer.box_preds), query_centers=up(layer.query_centers))

@@ -23,6 +23,8 @@ __all__ = [
     "LayerOutput",
     "FramePrediction",
     "FrameTarget",
+    "SequencePrediction",
+    "SequenceTarget",
     "pool_to_superpoints",
     "boxes_from_instance_ids",
 ]
@@ -150,6 +152,8 @@ def pool_to_superpoints(labels: Tensor, superpoints: Tensor, num_superpoints: in
     """
     if mode not in ("plurality", "majority"):
         raise ValueError(f"mode: expected 'plurality' or 'majority', got {mode!r}")
+    if num_values == 0:
+        return torch.full((num_superpoints,), ignore_value, dtype=torch.long, device=labels.device)
     valid = (labels >= 0) & (labels < num_values) & (labels != ignore_value)
     sp = superpoints.long()
     counts = torch.zeros(num_superpoints, num_values + 1, device=labels.device)
@@ -442,3 +446,57 @@ class FrameTarget:
                 self.semantic, self.superpoints, self.num_superpoints, num_classes,
                 ignore_value=ignore_index, mode="plurality")
         return self._cache[key]
+
+
+@dataclass
+class SequencePrediction:
+    """A model's outputs for one sample of V consecutive frames (MV-Online).
+
+    Attributes:
+        frames: V per-frame predictions.
+        match_logits: V-1 cross-frame match logits ``(Q_t, Q_{t+1})`` (`TimeDividedTransformer`),
+            or None.
+        tdt_features: V updated query features ``(Q_t, d)`` from the transformer, or None.
+    """
+
+    frames: list[FramePrediction]
+    match_logits: list[Tensor] | None = None
+    tdt_features: list[Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        v = len(self.frames)
+        if v == 0:
+            raise ValueError("frames: expected at least one FramePrediction, got none")
+        if self.match_logits is not None:
+            if len(self.match_logits) != v - 1:
+                raise ValueError(f"match_logits: expected V-1={v - 1} matrices, got "
+                                 f"{len(self.match_logits)}")
+            for t, m in enumerate(self.match_logits):
+                qa, qb = self.frames[t].final.num_queries, self.frames[t + 1].final.num_queries
+                _check(m.shape == (qa, qb), f"match_logits[{t}]", f"shape (Q_t={qa}, Q_t+1={qb})", m)
+        if self.tdt_features is not None:
+            if len(self.tdt_features) != v:
+                raise ValueError(f"tdt_features: expected V={v} tensors, got {len(self.tdt_features)}")
+            for t, f in enumerate(self.tdt_features):
+                q = self.frames[t].final.num_queries
+                _check(f.dim() == 2 and f.shape[0] == q, f"tdt_features[{t}]", f"shape (Q={q}, d)", f)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+
+@dataclass
+class SequenceTarget:
+    """Ground truth of one sample of V frames; ``FrameTarget.global_ids`` ties instances across
+    frames and ``FrameTarget.points`` places every frame in one world frame."""
+
+    frames: list[FrameTarget]
+
+    def __post_init__(self) -> None:
+        if len(self.frames) == 0:
+            raise ValueError("frames: expected at least one FrameTarget, got none")
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)

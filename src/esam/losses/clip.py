@@ -66,7 +66,7 @@ class ClipConsCriterion(nn.Module):
             raise ValueError(f"clip_global: expected shape {tuple(fused.shape)} (as fused_global, "
                              f"(M, d)), got {tuple(clip.shape)}")
         with torch.autocast(fused.device.type, enabled=False):
-            fused, clip = fused.float(), clip.float()
+            fused, clip = LF.upcast(fused), LF.upcast(clip)
             if self.gather_distributed and is_distributed():
                 all_clip, m = gather_with_grad(clip)
                 all_fused, _ = gather_with_grad(fused)

@@ -23,6 +23,7 @@ Reduction = Literal["none", "mean", "sum"]
 DiceForm = Literal["seed", "esam"]
 
 __all__ = [
+    "upcast",
     "reduce_loss",
     "class_cost",
     "mask_bce_cost",
@@ -40,6 +41,13 @@ __all__ = [
     "semantic_cross_entropy",
     "nt_xent",
 ]
+
+
+def upcast(t: Tensor | None) -> Tensor | None:
+    """Half-precision tensors to float32 (losses are computed in at least fp32); others as is."""
+    if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
 
 
 def reduce_loss(loss: Tensor, reduction: Reduction) -> Tensor:

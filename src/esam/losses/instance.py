@@ -123,7 +123,7 @@ class InstanceCriterion(nn.Module):
         self.fix_dice_loss_weight = fix_dice_loss_weight
         self.fix_mean_loss = fix_mean_loss
         self.final_dice_sum = final_dice_sum
-        class_weight = torch.ones(num_classes + 1)
+        class_weight = torch.ones(num_classes + 1, dtype=torch.float64)  # exact 0.1 in fp64 runs
         class_weight[-1] = no_object_weight
         self.register_buffer("class_weight", class_weight)
 
@@ -148,12 +148,6 @@ class InstanceCriterion(nn.Module):
         logits, cls_target = [], []
         for b, (layer, tgt, (qi, ki)) in enumerate(zip(layers, targets, indices)):
             c = self.num_classes
-            if layer.cls_logits.shape[1] != c + 1:
-                raise ValueError(f"cls_logits: expected (Q, C+1={c + 1}) columns, got shape "
-                                 f"{tuple(layer.cls_logits.shape)}")
-            if len(tgt.labels) and (int(tgt.labels.min()) < 0 or int(tgt.labels.max()) >= c):
-                raise ValueError(f"labels: expected instance classes in [0, {c}), got range "
-                                 f"[{int(tgt.labels.min())}, {int(tgt.labels.max())}]")
             target = torch.full((layer.num_queries,), c, dtype=torch.long,
                                 device=layer.cls_logits.device)
             target[qi] = tgt.labels[ki].long()
@@ -261,6 +255,19 @@ class InstanceCriterion(nn.Module):
                                 / k_b.clamp(min=1)).sum() / b + zero
         return out
 
+    def _validate(self, predictions: Sequence[FramePrediction],
+                  targets: Sequence[FrameTarget]) -> None:
+        c = self.num_classes
+        for b, (p, t) in enumerate(zip(predictions, targets)):
+            for i, layer in enumerate(p.layers):
+                if layer.cls_logits.shape[1] != c + 1:
+                    raise ValueError(
+                        f"cls_logits: expected (Q, C+1={c + 1}) columns for num_classes={c}, got "
+                        f"shape {tuple(layer.cls_logits.shape)} (sample {b}, layer {i})")
+            if len(t.labels) and (int(t.labels.min()) < 0 or int(t.labels.max()) >= c):
+                raise ValueError(f"labels: expected instance classes in [0, {c}), got range "
+                                 f"[{int(t.labels.min())}, {int(t.labels.max())}] (sample {b})")
+
     # -- public ------------------------------------------------------------------------------
 
     def compute(self, predictions: Sequence[FramePrediction], targets: Sequence[FrameTarget],
@@ -289,6 +296,7 @@ class InstanceCriterion(nn.Module):
             raise ValueError(f"predictions: every sample must have the same number of decoder "
                              f"layers, got {sorted(n_layers)}")
         n_layers = n_layers.pop()
+        self._validate(predictions, targets)
         w = self.weights
         weight_of = {"cls": w.cls, "bce": w.bce, "dice": w.dice, "score": w.score, "bbox": w.bbox}
         with torch.autocast(predictions[0].final.cls_logits.device.type, enabled=False):
@@ -332,12 +340,9 @@ class MixedInstanceCriterion(InstanceCriterion):
 
 def _fp32(layer: LayerOutput) -> LayerOutput:
     """The layer with half-precision tensors promoted to float32 (losses are computed in fp32)."""
-    def up(t: Tensor | None) -> Tensor | None:
-        return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-    if all(t is None or t.dtype not in (torch.float16, torch.bfloat16)
-           for t in (layer.cls_logits, layer.mask_logits, layer.scores, layer.box_preds,
-                     layer.query_centers)):
+    tensors = (layer.cls_logits, layer.mask_logits, layer.scores, layer.box_preds,
+               layer.query_centers)
+    if all(LF.upcast(t) is t for t in tensors):
         return layer
-    return LayerOutput(cls_logits=up(layer.cls_logits), mask_logits=up(layer.mask_logits),
-                       mask_level=layer.mask_level, scores=up(layer.scores),
-                       box_preds=up(layer.box_preds), query_centers=up(layer.query_centers))
+    return LayerOutput(*(LF.upcast(t) for t in tensors[:2]), layer.mask_level,
+                       *(LF.upcast(t) for t in tensors[2:]))

@@ -120,8 +120,8 @@ class _Matcher(nn.Module):
               masks: InstanceMasks) -> Tensor:
         # fp32, autocast off: half-precision softmax/sigmoid sums can flip assignments.
         with torch.autocast(cls_logits.device.type, enabled=False):
-            c = cls_logits.float()
-            m = mask_logits.float()
+            c = LF.upcast(cls_logits)
+            m = LF.upcast(mask_logits)
             total = sum(term(c, m, labels, masks) for term in self.costs)  # (Q, K)
         return torch.nan_to_num(total, nan=1e8, posinf=1e8, neginf=-1e8)
 

@@ -58,7 +58,7 @@ class ScanNetSemanticCriterion(nn.Module):
             raise ValueError(f"semantic targets: expected values in [0, {c}) or ignore_index="
                              f"{self.ignore_index}, got {int(targets[bad][0])}")
         with torch.autocast(logits.device.type, enabled=False):
-            return LF.semantic_cross_entropy(logits.float(), targets.long(),
+            return LF.semantic_cross_entropy(LF.upcast(logits), targets.long(),
                                              ignore_index=self.ignore_index)
 
     def forward(self, predictions: Sequence[FramePrediction],

@@ -26,11 +26,13 @@ __all__ = [
     "upcast",
     "reduce_loss",
     "class_cost",
+    "MaskSums",
     "mask_bce_cost",
     "mask_l1_cost",
     "mask_dice_cost",
     "sigmoid_bce_loss",
     "dice_loss",
+    "matched_mask_losses",
     "mask_iou",
     "score_loss",
     "box_l1_loss",
@@ -110,7 +112,59 @@ def class_cost(cls_logits: Tensor, labels: Tensor,
     raise ValueError(f"form: expected 'one_minus' or 'negative', got {form!r}")
 
 
-def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks) -> Tensor:
+class MaskSums:
+    """Sums over one sample's ``(Q, P)`` mask logits shared by the mask cost terms.
+
+    Each sum is computed once, on first use: the BCE and Dice costs of the same layer read the
+    logits and their sigmoid once each, and row totals ride on the segment sums.
+
+    Args:
+        mask_logits: ``(Q, P)``.
+        gt: K GT masks over the same P positions.
+    """
+
+    def __init__(self, mask_logits: Tensor, gt: InstanceMasks):
+        if mask_logits.dim() != 2 or mask_logits.shape[1] != gt.num_positions:
+            raise ValueError(f"mask_logits: expected shape (Q, P={gt.num_positions}), got "
+                             f"{tuple(mask_logits.shape)}")
+        self.logits = mask_logits
+        self.gt = gt
+        self.num_positions = mask_logits.shape[1]
+        self._cache: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
+
+    def _get(self, key: str, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def probs(self) -> Tensor:
+        """``(Q, P)`` sigmoid of the logits."""
+        return self._get("probs", self.logits.sigmoid)
+
+    def _seg(self, name: str) -> tuple[Tensor, Tensor]:
+        values = {"logits": lambda: self.logits, "probs": lambda: self.probs,
+                  "probs_sq": lambda: self.probs * self.probs}[name]
+        return self._get("seg_" + name, lambda: self.gt.segment_and_total(values()))
+
+    def inside(self, name: str) -> Tensor:
+        """``(Q, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask."""
+        return self._seg(name)[0]
+
+    def total(self, name: str) -> Tensor:
+        """``(Q, 1)`` row sums of ``"logits"``, ``"probs"``, ``"probs_sq"`` or ``"softplus"``."""
+        if name == "softplus":
+            return self._get("total_softplus",
+                             lambda: F.softplus(self.logits).sum(1, keepdim=True))
+        return self._seg(name)[1].unsqueeze(1)
+
+    def gt_sizes(self) -> Tensor:
+        """``(1, K)`` number of positions of each GT mask."""
+        return self._get("sizes", lambda: self.gt.sizes(self.logits.dtype).unsqueeze(0))
+
+
+def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks, *, sums: MaskSums | None = None,
+                  ) -> Tensor:
     """Mean sigmoid binary cross-entropy of every query mask against every GT mask.
 
     ``cost[j, k] = (1/P) sum_i BCE(sigmoid(x_ji), g_ki)``. Since ``BCE = softplus(x) - x g``,
@@ -119,17 +173,17 @@ def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks) -> Tensor:
     Args:
         mask_logits: ``(Q, P)``.
         gt: K masks over the same P positions.
+        sums: shared `MaskSums` of the same inputs, to reuse work across cost terms.
 
     Returns:
         ``(Q, K)`` cost.
     """
-    p = mask_logits.shape[1]
-    total = F.softplus(mask_logits).sum(1, keepdim=True)  # (Q, 1)
-    inside = gt.segment_sum(mask_logits)  # (Q, K)
-    return (total - inside) / max(p, 1)
+    s = sums or MaskSums(mask_logits, gt)
+    return (s.total("softplus") - s.inside("logits")) / max(s.num_positions, 1)
 
 
-def mask_l1_cost(mask_logits: Tensor, gt: InstanceMasks, *, as_printed: bool = False) -> Tensor:
+def mask_l1_cost(mask_logits: Tensor, gt: InstanceMasks, *, as_printed: bool = False,
+                 sums: MaskSums | None = None) -> Tensor:
     """L1 mask cost, the form the seed prints for its "mask BCE" cost.
 
     ``(1/P) (<q, 1-g> + <1-q, g>)`` with ``q = sigmoid(x)``: the mean absolute difference
@@ -139,38 +193,37 @@ def mask_l1_cost(mask_logits: Tensor, gt: InstanceMasks, *, as_printed: bool = F
     Args:
         mask_logits: ``(Q, P)``.
         gt: K masks over P positions.
+        sums: shared `MaskSums`.
 
     Returns:
         ``(Q, K)`` cost.
     """
-    p = max(mask_logits.shape[1], 1)
-    q = mask_logits.sigmoid()
-    inter = gt.segment_sum(q)  # (Q, K) <q, g>
-    q_sum = q.sum(1, keepdim=True)  # (Q, 1)
-    g_sum = gt.sizes(q.dtype).unsqueeze(0)  # (1, K)
-    false_pos = q_sum - inter  # <q, 1-g>
-    false_neg = g_sum - inter  # <1-q, g>
+    s = sums or MaskSums(mask_logits, gt)
+    p = max(s.num_positions, 1)
+    inter = s.inside("probs")  # (Q, K) <q, g>
+    false_pos = s.total("probs") - inter  # <q, 1-g>
+    false_neg = s.gt_sizes() - inter  # <1-q, g>
     if as_printed:
         return false_pos / p + false_neg
     return (false_pos + false_neg) / p
 
 
-def mask_dice_cost(mask_logits: Tensor, gt: InstanceMasks, form: DiceForm = "seed") -> Tensor:
+def mask_dice_cost(mask_logits: Tensor, gt: InstanceMasks, form: DiceForm = "seed", *,
+                   sums: MaskSums | None = None) -> Tensor:
     """Dice cost of every query mask against every GT mask (see `_dice_from_sums`).
 
     Args:
         mask_logits: ``(Q, P)``.
         gt: K masks over P positions.
         form: ``"seed"`` or ``"esam"``.
+        sums: shared `MaskSums`.
 
     Returns:
         ``(Q, K)`` cost.
     """
-    q = mask_logits.sigmoid()
-    inter = gt.segment_sum(q)  # (Q, K)
-    q_term = _dice_q_term(q, form).unsqueeze(1)  # (Q, 1)
-    g_sum = gt.sizes(q.dtype).unsqueeze(0)  # (1, K)
-    return _dice_from_sums(inter, q_term, g_sum, form)
+    s = sums or MaskSums(mask_logits, gt)
+    q_term = s.total("probs_sq" if form == "seed" else "probs")  # (Q, 1)
+    return _dice_from_sums(s.inside("probs"), q_term, s.gt_sizes(), form)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +268,13 @@ def dice_loss(mask_logits: Tensor, targets: Tensor, form: DiceForm = "seed",
         ``(M,)`` for ``reduction="none"``, else a scalar over pairs.
     """
     _check_pairs(mask_logits, targets, "mask_logits", "targets")
-    q = mask_logits.sigmoid()
-    t = targets.to(q.dtype)
-    inter = (q * t).sum(1)
-    per_pair = _dice_from_sums(inter, _dice_q_term(q, form), t.sum(1), form)
-    return reduce_loss(per_pair, reduction)
+    return reduce_loss(_dice_of_probs(mask_logits.sigmoid(), targets, form), reduction)
+
+
+def _dice_of_probs(probs: Tensor, targets: Tensor, form: DiceForm) -> Tensor:
+    # probs, targets (M, P) -> (M,)
+    t = targets.to(probs.dtype)
+    return _dice_from_sums((probs * t).sum(1), _dice_q_term(probs, form), t.sum(1), form)
 
 
 @torch.no_grad()
@@ -234,11 +289,34 @@ def mask_iou(mask_logits: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
         ``(M,)`` IoU ``|A & B| / (|A | B| + eps)``, without gradient.
     """
     _check_pairs(mask_logits, targets, "mask_logits", "targets")
-    pred = (mask_logits.sigmoid() >= 0.5).to(mask_logits.dtype)
-    gt = (targets > 0.5).to(mask_logits.dtype)
-    inter = (pred * gt).sum(1)
-    union = pred.sum(1) + gt.sum(1) - inter
-    return inter / (union + eps)
+    return _iou_of_probs(mask_logits.sigmoid(), targets, eps)
+
+
+@torch.no_grad()
+def _iou_of_probs(probs: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
+    pred = probs >= 0.5
+    gt = targets > 0.5
+    # count_nonzero: a bool .sum() would first copy the whole mask to int64
+    inter = torch.count_nonzero(pred & gt, dim=1).to(probs.dtype)
+    union = (torch.count_nonzero(pred, dim=1) + torch.count_nonzero(gt, dim=1)).to(probs.dtype)
+    return inter / (union - inter + eps)
+
+
+def matched_mask_losses(mask_logits: Tensor, targets: Tensor, form: DiceForm,
+                        with_iou: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-pair BCE, Dice and (detached) IoU of matched masks, sharing one sigmoid.
+
+    Args:
+        mask_logits: ``(M, P)``; targets: ``(M, P)`` in {0, 1}.
+
+    Returns:
+        ``(bce (M,), dice (M,), iou (M,) or None)``.
+    """
+    probs = mask_logits.sigmoid()
+    bce = sigmoid_bce_loss(mask_logits, targets, reduction="none")
+    dice = _dice_of_probs(probs, targets, form)
+    iou = _iou_of_probs(probs.detach(), targets) if with_iou else None
+    return bce, dice, iou
 
 
 def score_loss(scores: Tensor, target_iou: Tensor, reduction: Reduction = "mean") -> Tensor:

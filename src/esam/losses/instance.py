@@ -156,10 +156,10 @@ class InstanceCriterion(nn.Module):
             sample.append(torch.full_like(qi, b))
             pred = layer.mask_logits[qi]  # (M_b, P)
             gt = tgt.masks(layer.mask_level).rows(ki, pred.dtype)  # (M_b, P)
-            bce.append(LF.sigmoid_bce_loss(pred, gt, reduction="none"))
-            dice.append(LF.dice_loss(pred, gt, self.dice_form, reduction="none"))
+            pair_bce, pair_dice, iou = LF.matched_mask_losses(pred, gt, self.dice_form, use_score)
+            bce.append(pair_bce)
+            dice.append(pair_dice)
             if use_score:
-                iou = LF.mask_iou(pred, gt)
                 s = layer.scores.reshape(-1)[qi]
                 score.append(LF.score_loss(s, iou, reduction="none"))
                 thr = self.score_iou_threshold
@@ -310,8 +310,13 @@ class InstanceCriterion(nn.Module):
                 final = i == n_layers - 1
                 layers = layers_by_depth[i]
                 idx = final_indices if (final or not self.iter_matcher) else self.match(layers, targets)
-                anchor = sum(l.mask_logits.sum() + l.cls_logits.sum() for l in layers)
-                values = self._reduce_terms(self._layer_pairs(layers, targets, idx), final, anchor)
+                pairs = self._layer_pairs(layers, targets, idx)
+                # Keeps every term on the graph when nothing matched (then gradients are zeros,
+                # not None); cheap, since the mask part is a one-column slice.
+                anchor = sum(l.cls_logits.sum() for l in layers)
+                if len(pairs.sample) == 0:
+                    anchor = anchor + sum(l.mask_logits[:, :1].sum() for l in layers)
+                values = self._reduce_terms(pairs, final, anchor)
                 suffix = "" if final else f"_{i}"
                 for name, v in values.items():
                     terms[f"loss_{name}{suffix}"] = v

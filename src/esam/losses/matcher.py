@@ -39,11 +39,13 @@ class CostTerm:
         self.weight = float(weight)
 
     def __call__(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
-                 masks: InstanceMasks) -> Tensor:
-        return self.weight * self.cost(cls_logits, mask_logits, labels, masks)
+                 masks: InstanceMasks, sums: LF.MaskSums | None = None) -> Tensor:
+        """``(Q, K)`` weighted cost; ``sums`` shares mask sums between terms of one sample."""
+        if sums is None:
+            sums = LF.MaskSums(mask_logits, masks)
+        return self.weight * self.cost(cls_logits, sums, labels)
 
-    def cost(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
-             masks: InstanceMasks) -> Tensor:
+    def cost(self, cls_logits: Tensor, sums: LF.MaskSums, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -57,7 +59,7 @@ class QueryClassificationCost(CostTerm):
         super().__init__(weight)
         self.form = form
 
-    def cost(self, cls_logits, mask_logits, labels, masks):
+    def cost(self, cls_logits, sums, labels):
         return LF.class_cost(cls_logits, labels, self.form)
 
 
@@ -72,10 +74,11 @@ class MaskBCECost(CostTerm):
             raise ValueError(f"form: expected 'bce', 'l1' or 'l1_as_printed', got {form!r}")
         self.form = form
 
-    def cost(self, cls_logits, mask_logits, labels, masks):
+    def cost(self, cls_logits, sums, labels):
         if self.form == "bce":
-            return LF.mask_bce_cost(mask_logits, masks)
-        return LF.mask_l1_cost(mask_logits, masks, as_printed=self.form == "l1_as_printed")
+            return LF.mask_bce_cost(sums.logits, sums.gt, sums=sums)
+        return LF.mask_l1_cost(sums.logits, sums.gt, as_printed=self.form == "l1_as_printed",
+                               sums=sums)
 
 
 class MaskDiceCost(CostTerm):
@@ -86,8 +89,8 @@ class MaskDiceCost(CostTerm):
         super().__init__(weight)
         self.form = form
 
-    def cost(self, cls_logits, mask_logits, labels, masks):
-        return LF.mask_dice_cost(mask_logits, masks, self.form)
+    def cost(self, cls_logits, sums, labels):
+        return LF.mask_dice_cost(sums.logits, sums.gt, self.form, sums=sums)
 
 
 def build_costs(weights: dict[str, float], *, class_form: str = "one_minus",
@@ -122,7 +125,8 @@ class _Matcher(nn.Module):
         with torch.autocast(cls_logits.device.type, enabled=False):
             c = LF.upcast(cls_logits)
             m = LF.upcast(mask_logits)
-            total = sum(term(c, m, labels, masks) for term in self.costs)  # (Q, K)
+            sums = LF.MaskSums(m, masks)  # shared by the mask terms
+            total = sum(term(c, m, labels, masks, sums) for term in self.costs)  # (Q, K)
         return torch.nan_to_num(total, nan=1e8, posinf=1e8, neginf=-1e8)
 
     @staticmethod

@@ -1,0 +1,261 @@
+"""Single-view objective benchmark: `esam` preset vs a straightforward port of the released code.
+
+Workload (the realistic ESAM single-view setting): B=4 samples; Q=128 and Q=375 queries; four
+decoder layers with mask levels SP, SP, P, P; S=500 superpoints; N=20,000 points; C=200 semantic
+classes; class-agnostic instance head; K=30 GT instances; box head on.
+
+Reports forward and forward+backward median times, peak memory, the speed-up over the reference
+(dense one-hot GT, einsum costs, per-sample loops), and the time the forward pass would take if it
+only had to stream its inputs once at the measured memory bandwidth.
+
+    python -m benchmarks.bench_core [--json] [--device cuda] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.released_reference import released_mixed_instance_loss, released_semantic_loss
+from esam.config import esam_preset
+from esam.losses import ESAMCriterion
+from esam.structures import FramePrediction, FrameTarget, LayerOutput
+
+MODES = ("superpoint", "superpoint", "point", "point")
+
+
+@dataclass
+class Workload:
+    batch: int = 4
+    queries: int = 128
+    superpoints: int = 500
+    points: int = 20_000
+    semantic_classes: int = 200
+    instances: int = 30
+
+
+def make_inputs(w: Workload, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    preds, targets, ref_pred, ref_insts, sem_preds, sem_masks = [], [], None, [], [], []
+    layer_dicts = [dict(cls_preds=[], scores=[], masks=[], bboxes=[], centers=[]) for _ in MODES]
+    for _ in range(w.batch):
+        sp = torch.randint(0, w.superpoints, (w.points,), generator=g)
+        sp_inst = torch.randint(-1, w.instances, (w.superpoints,), generator=g)
+        ids = sp_inst[sp]  # superpoint-aligned instances, as in ESAM's data
+        sem = torch.randint(0, w.semantic_classes + 1, (w.points,), generator=g)
+        seeds = torch.randperm(w.superpoints, generator=g)[: w.queries]
+        query_masks = sp_inst[seeds].unsqueeze(0) == torch.arange(w.instances).unsqueeze(1)
+        xyz = torch.rand(w.points, 3, generator=g) * 5
+        centers = xyz[torch.randint(0, w.points, (w.queries,), generator=g)]
+        boxes = torch.cat([torch.rand(w.instances, 3, generator=g) * 5,
+                           torch.rand(w.instances, 3, generator=g) + 0.2], 1)
+        layers = []
+        for d, mode in zip(layer_dicts, MODES):
+            p = w.points if mode == "point" else w.superpoints
+            layer = LayerOutput(
+                cls_logits=torch.randn(w.queries, 2, generator=g).to(device),
+                mask_logits=torch.randn(w.queries, p, generator=g).to(device),
+                mask_level=mode,
+                scores=torch.rand(w.queries, 1, generator=g).to(device),
+                box_preds=torch.cat([torch.randn(w.queries, 3, generator=g) * 0.1,
+                                     torch.rand(w.queries, 3, generator=g) + 0.2], 1).to(device),
+                query_centers=centers.to(device))
+            layers.append(layer)
+            d["cls_preds"].append(layer.cls_logits)
+            d["scores"].append(layer.scores)
+            d["masks"].append(layer.mask_logits)
+            d["bboxes"].append(layer.box_preds)
+            d["centers"].append(layer.query_centers)
+        sem_logits = torch.randn(w.superpoints, w.semantic_classes + 1, generator=g).to(device)
+        preds.append(FramePrediction(layers, semantic_logits=sem_logits,
+                                     semantic_level="superpoint"))
+        target = FrameTarget(labels=torch.zeros(w.instances, dtype=torch.long, device=device),
+                             instance_ids=ids.to(device), superpoints=sp.to(device),
+                             num_superpoints=w.superpoints, semantic=sem.to(device),
+                             boxes=boxes.to(device), query_masks=query_masks.to(device))
+        targets.append(target)
+        # the reference's inputs: dense one-hot masks, built ahead as its data pipeline does
+        ref_insts.append({"labels_3d": target.labels,
+                          "sp_masks": target.superpoint_masks().to_dense(),
+                          "p_masks": target.point_masks().to_dense(),
+                          "bboxes_3d": target.boxes, "query_masks": target.query_masks})
+        counts = torch.zeros(w.semantic_classes + 1, w.superpoints)
+        counts.index_put_((sem, sp), torch.ones(w.points), accumulate=True)
+        sem_preds.append(sem_logits)
+        sem_masks.append(counts.to(device))
+        target._cache.clear()  # our side derives its superpoint targets inside the timed call
+    ref_pred = dict(layer_dicts[-1])
+    ref_pred["aux_outputs"] = layer_dicts[:-1]
+    return preds, targets, (ref_pred, ref_insts, sem_preds, sem_masks)
+
+
+def _leaves(preds):
+    out = []
+    for p in preds:
+        out.append(p.semantic_logits)
+        for l in p.layers:
+            out += [l.cls_logits, l.mask_logits, l.scores, l.box_preds]
+    return out
+
+
+class PeakMemory:
+    """Peak extra memory of a block: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self._rss()
+            self.stop = False
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+            self.bytes = max(self.peak - self.base, 0)
+
+
+def _time(fn, device: str, repeats: int) -> tuple[float, int]:
+    fn()  # warm-up
+    times, peak = [], 0
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = max(peak, mem.bytes)
+    return statistics.median(times), peak
+
+
+def memory_bandwidth(device: str, mb: int = 256) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    x = torch.empty(mb * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        y.copy_(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
+    preds, targets, (ref_pred, ref_insts, sem_preds, sem_masks) = make_inputs(w, device)
+    crit = ESAMCriterion(esam_preset(num_semantic_classes=w.semantic_classes,
+                                     num_instance_classes=1)).to(device)
+    leaves = _leaves(preds)
+
+    def ours(backward: bool):
+        for t in targets:
+            t._cache.clear()
+        for t in leaves:
+            t.requires_grad_(backward)
+            t.grad = None
+        loss = crit(preds, targets)["loss"]
+        if backward:
+            loss.backward()
+        return loss
+
+    def reference(backward: bool):
+        for t in leaves:
+            t.requires_grad_(backward)
+            t.grad = None
+        loss = released_mixed_instance_loss(ref_pred, ref_insts, ["SP", "SP", "P"]) + \
+            released_semantic_loss(sem_preds, sem_masks, ignore_index=w.semantic_classes)
+        if backward:
+            loss.backward()
+        return loss
+
+    with torch.no_grad():
+        a, b = ours(False).item(), reference(False).item()
+    result = {"workload": vars(w), "device": device, "loss_ours": a, "loss_reference": b,
+              "relative_difference": abs(a - b) / max(abs(b), 1e-12)}
+    for name, fn in (("ours", ours), ("reference", reference)):
+        with torch.no_grad():
+            t_f, m_f = _time(lambda: fn(False), device, repeats)
+        t_fb, m_fb = _time(lambda: fn(True), device, repeats)
+        result[name] = {"forward_s": t_f, "forward_backward_s": t_fb,
+                        "peak_forward_mb": m_f / 2**20, "peak_forward_backward_mb": m_fb / 2**20}
+    result["speedup_forward"] = result["reference"]["forward_s"] / result["ours"]["forward_s"]
+    result["speedup_forward_backward"] = (result["reference"]["forward_backward_s"]
+                                          / result["ours"]["forward_backward_s"])
+    # Lower bound: read every mask / class / semantic logit once.
+    input_bytes = sum(t.numel() * t.element_size() for t in leaves)
+    bw = memory_bandwidth(device)
+    result["bandwidth_gb_s"] = bw / 1e9
+    result["forward_bandwidth_bound_s"] = input_bytes / bw
+    result["forward_vs_bound"] = result["ours"]["forward_s"] / result["forward_bandwidth_bound_s"]
+    return result
+
+
+def run(device: str = "cpu", repeats: int = 5, queries=(128, 375)) -> dict:
+    out = {"benchmark": "single-view objective (esam preset)", "threads": torch.get_num_threads(),
+           "results": []}
+    for q in queries:
+        out["results"].append(run_one(Workload(queries=q), device, repeats))
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{'Q':>4} {'impl':>9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MB':>9}"]
+    for r in res["results"]:
+        for name in ("ours", "reference"):
+            x = r[name]
+            lines.append(f"{r['workload']['queries']:>4} {name:>9} {x['forward_s'] * 1e3:>9.1f} "
+                         f"{x['forward_backward_s'] * 1e3:>11.1f} "
+                         f"{x['peak_forward_backward_mb']:>9.1f}")
+        lines.append(f"     speed-up fwd {r['speedup_forward']:.1f}x, fwd+bwd "
+                     f"{r['speedup_forward_backward']:.1f}x; forward at "
+                     f"{r['forward_vs_bound']:.1f}x the bandwidth bound; "
+                     f"rel. diff {r['relative_difference']:.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    res = run(args.device, args.repeats)
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+
+
+if __name__ == "__main__":
+    main()

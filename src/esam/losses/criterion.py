@@ -9,10 +9,15 @@ from torch import Tensor, nn
 
 from esam.config import ESAMLossConfig, config_from_dict, load_config, preset
 from esam.losses.clip import ClipConsCriterion
+from esam.losses.cross_frame import CrossFrameCriterion
 from esam.losses.instance import InstanceCriterion, InstanceWeights, MixedInstanceCriterion
 from esam.losses.matcher import HungarianMatcher, SparseMatcher, build_costs
+from esam.losses.merge import (MergeCECriterion, ScanNetMergeCriterion_Fast,
+                               ScanNetMergeCriterion_Seal, align_global_ids, global_point_logits,
+                               merge_ce_loss)
 from esam.losses.semantic import ScanNetSemanticCriterion
-from esam.structures import FramePrediction, FrameTarget
+from esam.structures import (FramePrediction, FrameTarget, LayerOutput, SequencePrediction,
+                             SequenceTarget, boxes_from_instance_ids)
 
 __all__ = ["ESAMCriterion", "build_matcher", "build_instance_criterion"]
 
@@ -42,10 +47,21 @@ def build_instance_criterion(cfg: ESAMLossConfig) -> InstanceCriterion:
 class ESAMCriterion(nn.Module):
     """The total objective.
 
-    ``total = L_sem + L_inst + [L_bbox] + [L_clip]`` (single view; the multi-view terms are added
-    by the sequence form of `forward`), every term weighted by ``cfg.loss_weight``. A term is
-    present when its weight is non-zero and its inputs are given (``L_clip`` needs
-    ``fused_global``/``clip_global``); disabled terms are absent from the output, not zeros.
+    ``total = L_sem + L_inst + [L_bbox] + [L_clip]`` for B single frames, and for B sequences of
+    V frames ``sum_v (per-frame terms) + L_tdt + L_merge`` (ESAM sums the per-frame terms over
+    frames; ``frame_reduction="mean"`` averages them). Every term is weighted by
+    ``cfg.loss_weight``. A term is present when its weight is non-zero and its inputs are given
+    (``L_clip`` needs ``fused_global``/``clip_global``, ``L_tdt`` needs the transformer's
+    ``match_logits``/``tdt_features``, ``L_merge`` needs ``merge_features``); disabled terms are
+    absent from the output, not zeros.
+
+    The merge term follows ``cfg.merge.type``: ``"ce"`` (seed) runs `OnlineMerge` over the
+    sequence without gradient, aligns GT instances to the merged global instances by box IoU and
+    applies a per-point cross-entropy over {background, global instances}, averaged over the
+    sequence's points (points whose aligned global instance got no query of their own frame are
+    left out: no logit of that frame can learn them); ``"fast"`` /
+    ``"seal"`` (ESAM) are the contrastive `ScanNetMergeCriterion_Fast` / ``_Seal`` over the
+    queries each GT instance owns (``FrameTarget.query_masks``; the matched queries without it).
 
     Args:
         config: an `ESAMLossConfig`, a preset name (``"seed"``, ``"esam"``), a nested dict (see
@@ -71,6 +87,16 @@ class ESAMCriterion(nn.Module):
         self.instance = build_instance_criterion(config)
         self.clip = ClipConsCriterion(temperature=config.clip_temperature,
                                       symmetric=config.clip_symmetric) if w.clip > 0 else None
+        cf = config.cross_frame
+        self.cross_frame = CrossFrameCriterion(
+            match_weight=w.match, cons_weight=w.cons, reduction=cf.reduction,
+            pos_weight=cf.pos_weight, consistency=cf.consistency, gt_source=cf.gt_source,
+            voxel_size=cf.voxel_size, iou_threshold=cf.iou_threshold,
+        ) if (w.match > 0 or w.cons > 0) else None
+        self.merge = None
+        if w.merge > 0:
+            self.merge = {"ce": MergeCECriterion, "fast": ScanNetMergeCriterion_Fast,
+                          "seal": ScanNetMergeCriterion_Seal}[config.merge.type]()
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> ESAMCriterion:
@@ -98,8 +124,196 @@ class ESAMCriterion(nn.Module):
         out["loss"] = total
         return out, indices
 
-    def forward(self, predictions: Sequence[FramePrediction],
-                targets: Sequence[FrameTarget]) -> dict[str, Tensor]:
+    def forward(self, predictions: Sequence[FramePrediction] | Sequence[SequencePrediction],
+                targets: Sequence[FrameTarget] | Sequence[SequenceTarget]) -> dict[str, Tensor]:
         """Loss dict: every enabled raw term (``loss_<term>``, auxiliary layers ``_<i>``) and
-        ``loss``, the weighted total to back-propagate."""
+        ``loss``, the weighted total to back-propagate.
+
+        Args:
+            predictions: B `FramePrediction` (single view) or B `SequencePrediction` (MV-Online).
+            targets: the matching B `FrameTarget` or `SequenceTarget`.
+        """
+        if len(predictions) and isinstance(predictions[0], SequencePrediction):
+            return self.multi_view(predictions, targets)
         return self.single_view(predictions, targets)[0]
+
+    # -- multi-view ---------------------------------------------------------------------------
+
+    def multi_view(self, predictions: Sequence[SequencePrediction],
+                   targets: Sequence[SequenceTarget]) -> dict[str, Tensor]:
+        """Per-frame terms over V frames plus the cross-frame and merge terms (see class doc)."""
+        if len(predictions) != len(targets):
+            raise ValueError(f"targets: expected {len(predictions)} sequences, got {len(targets)}")
+        for b, (p, t) in enumerate(zip(predictions, targets)):
+            if not isinstance(p, SequencePrediction) or not isinstance(t, SequenceTarget):
+                raise ValueError(f"predictions[{b}] / targets[{b}]: expected SequencePrediction / "
+                                 f"SequenceTarget, got {type(p).__name__} / {type(t).__name__}")
+            if p.num_frames != t.num_frames:
+                raise ValueError(f"targets[{b}]: expected {p.num_frames} frames (as the "
+                                 f"prediction), got {t.num_frames}")
+        v = {p.num_frames for p in predictions}
+        if len(v) != 1:
+            raise ValueError(f"predictions: every sequence of a batch must have the same number "
+                             f"of frames V, got {sorted(v)}")
+        v = v.pop()
+        out: dict[str, Tensor] = {}
+        indices = []  # [frame][sample] final-layer assignment
+        for f in range(v):
+            terms, idx = self.single_view([p.frames[f] for p in predictions],
+                                          [t.frames[f] for t in targets])
+            indices.append(idx)
+            for k, val in terms.items():
+                out[k] = out[k] + val if k in out else val
+        if self.config.frame_reduction == "mean":
+            out = {k: val / v for k, val in out.items()}
+        total = out.pop("loss")
+        w = self.config.loss_weight
+        if self.cross_frame is not None and all(p.match_logits is not None and
+                                                p.tdt_features is not None for p in predictions):
+            tdt = [self._cross_frame(p, t, [indices[f][b] for f in range(v)])
+                   for b, (p, t) in enumerate(zip(predictions, targets))]
+            for name, weight in (("loss_match", w.match), ("loss_cons", w.cons)):
+                if weight > 0:
+                    out[name] = torch.stack([d[name] for d in tdt]).mean()
+                    total = total + weight * out[name]
+        if self.merge is not None and all(f.merge_features is not None
+                                          for p in predictions for f in p.frames):
+            merge = self._merge(predictions, targets, indices)
+            for name, val in merge.items():
+                if name != "loss":
+                    out[name] = val
+            total = total + w.merge * merge["loss"]
+        out["loss"] = total
+        return out
+
+    @staticmethod
+    def _point_mask_logits(layer: LayerOutput, target: FrameTarget) -> Tensor:
+        """Final-layer mask logits at point level ``(Q, N)`` (superpoint masks are broadcast)."""
+        if layer.mask_level == "point":
+            return layer.mask_logits
+        if target.superpoints is None:
+            raise ValueError("superpoints: needed (N,) to read superpoint-level masks at point "
+                             "level for the multi-view terms; got None")
+        return layer.mask_logits[:, target.superpoints.long()]
+
+    @staticmethod
+    def _query_global_ids(layer: LayerOutput, target: FrameTarget,
+                          idx: tuple[Tensor, Tensor]) -> Tensor:
+        """``(Q,)`` global GT id each query is matched to, -1 for unmatched."""
+        if target.global_ids is None:
+            raise ValueError("global_ids: needed (K,) to tie instances across frames; got None")
+        ids = torch.full((layer.num_queries,), -1, dtype=torch.long,
+                         device=layer.cls_logits.device)
+        ids[idx[0]] = target.global_ids[idx[1]].long()
+        return ids
+
+    def _cross_frame(self, pred: SequencePrediction, target: SequenceTarget,
+                     indices: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        cf = self.cross_frame
+        frames = list(zip(pred.frames, target.frames))
+        if cf.gt_source == "mask":
+            for f, (_, t) in enumerate(frames):
+                if t.points is None:
+                    raise ValueError(f"points: gt_source='mask' needs world-frame (N, 3) points on "
+                                     f"every FrameTarget; frame {f} has None")
+            g = cf.build_targets(
+                mask_logits=[self._point_mask_logits(p.final, t).detach() for p, t in frames],
+                points=[t.points for _, t in frames])
+        else:
+            g = cf.build_targets(instance_ids=[self._query_global_ids(p.final, t, i)
+                                               for (p, t), i in zip(frames, indices)])
+        return cf(pred.match_logits, pred.tdt_features, g)
+
+    def _merge(self, predictions: Sequence[SequencePrediction], targets: Sequence[SequenceTarget],
+               indices: list[list[tuple[Tensor, Tensor]]]) -> dict[str, Tensor]:
+        if isinstance(self.merge, MergeCECriterion):
+            return self._merge_ce(predictions, targets)
+        feats, ins_masks = [], []
+        for b, (p, t) in enumerate(zip(predictions, targets)):
+            gids = []
+            for f, ft in enumerate(t.frames):
+                if ft.global_ids is None:
+                    raise ValueError(f"global_ids: the merge loss needs (K,) global ids on every "
+                                     f"FrameTarget; sample {b} frame {f} has None")
+                gids.append(ft.global_ids.long())
+            order = torch.unique(torch.cat(gids)).tolist()  # the sample's K instances
+            feats.append([fp.merge_features for fp in p.frames])
+            per_frame = []
+            for f, (fp, ft) in enumerate(zip(p.frames, t.frames)):
+                local = {g: k for k, g in enumerate(gids[f].tolist())}
+                if ft.query_masks is not None:
+                    owned = [ft.query_masks[k].nonzero().flatten() for k in range(len(local))]
+                else:
+                    qi, ki = indices[f][b]
+                    owned = [qi[ki == k] for k in range(len(local))]
+                empty = torch.empty(0, dtype=torch.long, device=fp.merge_features.device)
+                per_frame.append([owned[local[g]] if g in local else empty for g in order])
+            ins_masks.append(per_frame)
+        return self.merge(feats, ins_masks)
+
+    @torch.no_grad()
+    def _online_merge(self, pred: SequencePrediction, target: SequenceTarget):
+        """Run `OnlineMerge` over a sequence: per-frame query -> global id, and global boxes."""
+        from esam.merge.online_merge import FrameInstances, OnlineMerge
+
+        merger = OnlineMerge()
+        query_ids = []
+        for f, (fp, ft) in enumerate(zip(pred.frames, target.frames)):
+            if ft.points is None:
+                raise ValueError(f"points: the 'ce' merge loss needs world-frame (N, 3) points on "
+                                 f"every FrameTarget; frame {f} has None")
+            layer = fp.final
+            probs = layer.cls_logits.float().softmax(-1)
+            scores, labels = probs[:, :-1].max(-1)
+            masks = self._point_mask_logits(layer, ft) >= 0
+            res = merger.merge(FrameInstances(masks=masks, scores=scores, labels=labels,
+                                              features=fp.merge_features.float(),
+                                              points=ft.points.float()))
+            query_ids.append(res.instance_ids)
+        boxes = merger.boxes if merger.boxes is not None else torch.zeros(0, 6)
+        return query_ids, merger.num_global, boxes
+
+    def _merge_ce(self, predictions: Sequence[SequencePrediction],
+                  targets: Sequence[SequenceTarget]) -> dict[str, Tensor]:
+        losses = []
+        for p, t in zip(predictions, targets):
+            query_ids, k, boxes = self._online_merge(p, t)
+            # GT global instances of the whole sequence and their boxes over every frame
+            gids = [ft.global_ids.long() for ft in t.frames]
+            order = torch.unique(torch.cat(gids))  # (G,)
+            point_gt = []
+            for ft, g in zip(t.frames, gids):
+                local = ft.point_masks().ids if ft.instance_ids is not None else \
+                    _ids_from_dense(ft.instance_masks)
+                # local instance -> index in order; a -1 slot in front serves "no instance"
+                mapped = torch.cat([local.new_full((1,), -1), torch.searchsorted(order, g)])
+                point_gt.append(mapped[local + 1])
+            points = torch.cat([ft.points for ft in t.frames]).float()
+            gt_ids = torch.cat(point_gt)
+            gt_boxes = boxes_from_instance_ids(points, gt_ids, len(order))
+            target_ids = align_global_ids(boxes.to(points), gt_boxes, gt_ids,
+                                          self.config.merge.align_iou_threshold)
+            logits, keep = [], []
+            start = 0
+            for fp, ft, q in zip(p.frames, t.frames, query_ids):
+                n = ft.num_points
+                logits.append(global_point_logits(self._point_mask_logits(fp.final, ft).float(),
+                                                  q, k))
+                # A global instance none of this frame's queries went into has no logit to
+                # train here; its points are left out rather than given a -inf-like target.
+                present = torch.zeros(k + 1, dtype=torch.bool, device=q.device)
+                present[q] = True
+                present[0] = True
+                keep.append(present[target_ids[start:start + n]])
+                start += n
+            keep_all = torch.cat(keep)
+            losses.append(merge_ce_loss(torch.cat(logits)[keep_all], target_ids[keep_all]))
+        ce = torch.stack(losses).mean()
+        return {"loss_merge": ce, "loss": ce}
+
+
+def _ids_from_dense(masks: Tensor) -> Tensor:
+    """``(K, N)`` bool -> ``(N,)`` index of the first instance covering each point, else -1."""
+    covered = masks.any(0)
+    return torch.where(covered, masks.float().argmax(0), torch.full_like(covered, -1,
+                                                                          dtype=torch.long))

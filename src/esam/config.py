@@ -102,6 +102,7 @@ class ESAMLossConfig:
     clip_temperature: float = 0.07
     clip_symmetric: bool = False
     frame_reduction: Literal["sum", "mean"] = "sum"  # per-frame terms over V frames (esam: sum)
+    check_finite: bool = True  # reject NaN/Inf predictions, naming the tensor (one host sync)
     cross_frame: CrossFrameConfig = field(default_factory=CrossFrameConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
 

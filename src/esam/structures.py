@@ -480,6 +480,39 @@ class FrameTarget:
         return self._cache[key]
 
 
+def check_finite(named: list[tuple[str, Tensor]]) -> None:
+    """Raise a ValueError naming the first tensor holding NaN or Inf.
+
+    One reduction per tensor and a single host synchronisation for the whole list.
+    """
+    named = [(n, t) for n, t in named if t is not None and t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(ok.all()):
+        return
+    name, t = named[int((~ok).nonzero()[0])]
+    bad = int((~torch.isfinite(t)).sum())
+    raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf of {t.numel()} "
+                     f"(shape {tuple(t.shape)})")
+
+
+def prediction_tensors(pred: "FramePrediction", prefix: str) -> list[tuple[str, Tensor]]:
+    """Every tensor of a frame prediction with a readable name, for `check_finite`."""
+    out = []
+    for i, layer in enumerate(pred.layers):
+        for f in fields(layer):
+            v = getattr(layer, f.name)
+            if isinstance(v, Tensor):
+                out.append((f"{prefix}.layers[{i}].{f.name}", v))
+    for name in ("semantic_logits", "query_features", "merge_features", "fused_global",
+                 "clip_global"):
+        v = getattr(pred, name)
+        if v is not None:
+            out.append((f"{prefix}.{name}", v))
+    return out
+
+
 @dataclass
 class SequencePrediction:
     """A model's outputs for one sample of V consecutive frames (MV-Online).

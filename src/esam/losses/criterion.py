@@ -17,7 +17,8 @@ from esam.losses.merge import (MergeCECriterion, ScanNetMergeCriterion_Fast,
                                merge_ce_loss)
 from esam.losses.semantic import ScanNetSemanticCriterion
 from esam.structures import (FramePrediction, FrameTarget, LayerOutput, SequencePrediction,
-                             SequenceTarget, boxes_from_instance_ids)
+                             SequenceTarget, boxes_from_instance_ids, check_finite,
+                             prediction_tensors)
 
 __all__ = ["ESAMCriterion", "build_matcher", "build_instance_criterion"]
 
@@ -108,6 +109,9 @@ class ESAMCriterion(nn.Module):
         if isinstance(predictions, FramePrediction) or isinstance(targets, FrameTarget):
             raise ValueError("predictions/targets: expected a sequence of B FramePrediction / "
                              "FrameTarget (one per sample), got a single object")
+        if self.config.check_finite:
+            check_finite([t for b, p in enumerate(predictions)
+                          for t in prediction_tensors(p, f"predictions[{b}]")])
         w = self.config.loss_weight
         out: dict[str, Tensor] = {}
         inst, indices = self.instance.compute(predictions, targets)
@@ -156,6 +160,14 @@ class ESAMCriterion(nn.Module):
             raise ValueError(f"predictions: every sequence of a batch must have the same number "
                              f"of frames V, got {sorted(v)}")
         v = v.pop()
+        if self.config.check_finite:
+            named = []
+            for b, p in enumerate(predictions):
+                named += [(f"predictions[{b}].match_logits[{t}]", m)
+                          for t, m in enumerate(p.match_logits or [])]
+                named += [(f"predictions[{b}].tdt_features[{t}]", m)
+                          for t, m in enumerate(p.tdt_features or [])]
+            check_finite(named)
         out: dict[str, Tensor] = {}
         indices = []  # [frame][sample] final-layer assignment
         for f in range(v):

@@ -1,0 +1,793 @@
+"""Online-merge losses: ESAM's contrastive merge criteria and the seed's per-point L_merge.
+
+Shape vocabulary: B samples, V frames, Q queries, K instances (ground truth, or global instances
+of the merge memory), N points, d feature dim. F = B * V frames of a batch, M members (queries)
+of one instance in one frame.
+
+Two families live here.
+
+**ESAM's released criteria** (``ScanNetMergeCriterion_Fast``, ``ScanNetMergeCriterion_Seal``)
+take, per sample and frame, the queries' merge features and the ground-truth-instance -> query
+assignment, in the released layout:
+
+* ``merge_feats[b][v]``: ``(Q, d)`` merge features of frame v of sample b (ESAM's ``MergeHead``
+  L2-normalises them);
+* ``ins_masks[b][v][k]``: 1-D integer tensor, the queries of frame v that belong to instance k
+  (empty when k is absent from the frame); every frame of a sample lists the same K instances.
+
+Both are InfoNCE terms written as one ``F.cross_entropy`` over a padded similarity tensor with
+``arange`` labels:
+
+* ``tmp`` (temporal): instance centres (mean of member features) of frame t against those of
+  frame t+1, and back; rows are instances present in both frames, columns the instances present
+  in the other frame.
+* ``p2s`` (point to segment): each instance centre (element-wise max of its member features)
+  against member features. ``_Fast`` steps i = 0..M_f-1 through the members (the i-th member of
+  every instance, the last one repeated when an instance has fewer); ``_Seal`` scores each
+  member against one random member of every other present instance.
+
+**The seed's L_merge** (``merge_ce_loss``, ``global_point_logits``, ``align_global_ids``,
+``MergeCECriterion``): a per-point cross-entropy over {background, global instances 1..K}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+__all__ = [
+    "axis_aligned_box_iou",
+    "merge_tmp_infonce",
+    "merge_p2s_infonce_fast",
+    "merge_p2s_infonce_seal",
+    "sample_seal_negatives",
+    "ScanNetMergeCriterion_Fast",
+    "ScanNetMergeCriterion_Seal",
+    "merge_ce_loss",
+    "global_point_logits",
+    "align_global_ids",
+    "MergeCECriterion",
+]
+
+MergeFeats = Sequence[Sequence[Tensor]]
+InsMasks = Sequence[Sequence[Sequence[Tensor]]]
+
+
+# --------------------------------------------------------------------------------------------
+# Boxes
+# --------------------------------------------------------------------------------------------
+
+def axis_aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-12) -> Tensor:
+    """Pairwise 3-D IoU of axis-aligned boxes.
+
+    Args:
+        boxes1: ``(A, 6)`` boxes (cx, cy, cz, dx, dy, dz), sizes >= 0.
+        boxes2: ``(B, 6)`` boxes in the same format.
+        eps: floor of the union volume; two empty boxes have IoU 0.
+
+    Returns:
+        ``(A, B)`` IoU in [0, 1].
+    """
+    for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
+        if b.dim() != 2 or b.shape[1] != 6:
+            raise ValueError(f"{name}: expected shape (A, 6) boxes (cx, cy, cz, dx, dy, dz), "
+                             f"got {tuple(b.shape)}")
+    lo1, hi1 = boxes1[:, :3] - boxes1[:, 3:] / 2, boxes1[:, :3] + boxes1[:, 3:] / 2  # (A, 3)
+    lo2, hi2 = boxes2[:, :3] - boxes2[:, 3:] / 2, boxes2[:, :3] + boxes2[:, 3:] / 2  # (B, 3)
+    side = (torch.minimum(hi1[:, None], hi2[None]) - torch.maximum(lo1[:, None], lo2[None]))
+    inter = side.clamp(min=0).prod(-1)  # (A, B)
+    vol1 = boxes1[:, 3:].clamp(min=0).prod(-1)  # (A,)
+    vol2 = boxes2[:, 3:].clamp(min=0).prod(-1)  # (B,)
+    union = vol1[:, None] + vol2[None] - inter  # (A, B)
+    return inter / union.clamp(min=eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing the released layout into padded tensors
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Packed:
+    """The released nested layout flattened once.
+
+    Frames are laid out on the padded (B, V) grid, frame f = b * V + v. A "slot" is
+    ``f * K + k``. Entries (instance, member) are stored frame by frame, slot by slot.
+    """
+
+    frames: list[Tensor]  # the given (Q_f, d) merge features of every real frame
+    frame_index: list[int]  # position of each real frame on the (B, V) grid
+    frame_entries: list[int]  # number of entries of each real frame
+    q_max: int  # Q, the padded number of queries per frame
+    member_slot: Tensor  # (E,) slot of every entry
+    member_query: Tensor  # (E,) query index of every entry in its frame
+    table: Tensor  # (F, K, M) query index of the i-th member of instance k (padding: 0)
+    counts: Tensor  # (B, V, K) members per instance and frame
+    num_instances: Tensor  # (B,) K_b
+    num_frames: list[int]  # V_b per sample
+    shape: tuple[int, int, int]  # (B, V, K) padded sizes
+
+    @property
+    def present(self) -> Tensor:
+        return self.counts > 0  # (B, V, K)
+
+    def frame_feats(self) -> Tensor:
+        """``(F, Q, d)`` merge features per frame, zero-padded."""
+        b, v, _ = self.shape
+        if not self.frames:
+            return torch.zeros(b * v, self.q_max, 0)
+        ref = self.frames[0]
+        if len(self.frames) == b * v and all(f.shape[0] == self.q_max for f in self.frames):
+            return torch.stack(self.frames)
+        d = ref.shape[1]
+        rows = torch.cat([torch.arange(f.shape[0], device=ref.device) + i * self.q_max
+                          for i, f in zip(self.frame_index, self.frames)])
+        out = ref.new_zeros(b * v * self.q_max, d).index_copy(0, rows, torch.cat(self.frames))
+        return out.view(b * v, self.q_max, d)
+
+    def member_feats(self) -> Tensor:
+        """Features of every entry -> ``(E, d)``, gathered frame by frame (small backward)."""
+        if not self.frames:
+            return torch.zeros(0, 0)
+        parts = self.member_query.split(self.frame_entries)
+        return torch.cat([f.index_select(0, idx) for f, idx in zip(self.frames, parts)])
+
+
+def _check_index_lists(ins_masks: InsMasks) -> None:
+    """Name the first malformed query-index tensor (slow path, only run on failure)."""
+    for b, sample in enumerate(ins_masks):
+        for v, lists in enumerate(sample):
+            for k, idx in enumerate(lists):
+                if (not isinstance(idx, Tensor) or idx.dim() != 1 or idx.is_floating_point()
+                        or idx.dtype == torch.bool or idx.is_complex()):
+                    got = (f"shape {tuple(idx.shape)} dtype {idx.dtype}"
+                           if isinstance(idx, Tensor) else type(idx).__name__)
+                    raise ValueError(f"ins_masks[{b}][{v}][{k}]: expected a 1-D integer tensor of "
+                                     f"query indices, got {got}")
+
+
+def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
+    """Validate the released layout and flatten it.
+
+    One pass over frames; per instance list only its length is read, the index tensors are
+    concatenated once and checked as a whole.
+    """
+    if len(merge_feats) != len(ins_masks):
+        raise ValueError(f"ins_masks: expected one entry per sample (B={len(merge_feats)}), "
+                         f"got {len(ins_masks)}")
+    num_samples = len(merge_feats)
+    if num_samples == 0:
+        raise ValueError("merge_feats: expected at least one sample, got an empty list")
+    frames_per_sample, inst_per_sample = [], []
+    q_max, d, ref = 0, None, None
+    for b in range(num_samples):
+        if len(merge_feats[b]) != len(ins_masks[b]):
+            raise ValueError(f"ins_masks[{b}]: expected one entry per frame "
+                             f"(V={len(merge_feats[b])}), got {len(ins_masks[b])}")
+        frames_per_sample.append(len(merge_feats[b]))
+        k_b = len(ins_masks[b][0]) if len(ins_masks[b]) else 0
+        for v, (f, lists) in enumerate(zip(merge_feats[b], ins_masks[b])):
+            if len(lists) != k_b:
+                raise ValueError(f"ins_masks[{b}][{v}]: expected K={k_b} instance lists (the same "
+                                 f"for every frame of a sample), got {len(lists)}")
+            if not isinstance(f, Tensor) or f.dim() != 2 or not f.is_floating_point():
+                got = (f"shape {tuple(f.shape)} dtype {f.dtype}" if isinstance(f, Tensor)
+                       else type(f).__name__)
+                raise ValueError(f"merge_feats[{b}][{v}]: expected a floating (Q, d) tensor, "
+                                 f"got {got}")
+            if d is None:
+                d, ref = f.shape[1], f
+            elif f.shape[1] != d:
+                raise ValueError(f"merge_feats[{b}][{v}]: expected d={d} columns, got {f.shape[1]}")
+            q_max = max(q_max, f.shape[0])
+        inst_per_sample.append(k_b)
+    v_max, k_max = max(frames_per_sample), max(inst_per_sample)
+    device = ref.device if ref is not None else torch.device("cpu")
+    d = d or 0
+    n_frames = num_samples * v_max
+
+    feats, dest, rows, slots, frame_q = [], [], [], [], []
+    for b in range(num_samples):
+        for v in range(frames_per_sample[b]):
+            f = merge_feats[b][v]
+            fi = b * v_max + v
+            feats.append(f)
+            dest.append(fi)
+            frame_q.append(f.shape[0])
+            rows.extend(ins_masks[b][v])
+            slots.extend(range(fi * k_max, fi * k_max + inst_per_sample[b]))
+    dest_t = torch.tensor(dest, dtype=torch.long, device=device)  # (F_real,)
+    q_of_frame = torch.zeros(n_frames, dtype=torch.long, device=device).index_copy(
+        0, dest_t, torch.tensor(frame_q, dtype=torch.long, device=device))  # (F,)
+
+    try:
+        lens = [t.shape[0] for t in rows]
+        local = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        _check_index_lists(ins_masks)
+        raise
+    if local.is_floating_point() or local.dtype == torch.bool or local.is_complex() or any(
+            t.dtype == torch.bool for t in rows):
+        _check_index_lists(ins_masks)
+    local = local.to(device=device, dtype=torch.long)  # (E,)
+    lens_t = torch.tensor(lens, dtype=torch.long, device=device)  # (sum K,)
+    slot_t = torch.tensor(slots, dtype=torch.long, device=device)  # (sum K,)
+    counts = torch.zeros(n_frames * k_max, dtype=torch.long, device=device)
+    counts[slot_t] = lens_t
+    member_slot = torch.repeat_interleave(slot_t, lens_t)  # (E,)
+    member_frame = torch.div(member_slot, max(k_max, 1), rounding_mode="floor")  # (E,)
+    if local.numel() and bool(((local < 0) | (local >= q_of_frame[member_frame])).any()):
+        raise ValueError("ins_masks: expected query indices in [0, Q) of their frame; got an "
+                         "index outside that range")
+    starts = torch.cumsum(lens_t, 0) - lens_t
+    member_pos = (torch.arange(local.numel(), device=device)
+                  - torch.repeat_interleave(starts, lens_t))  # (E,) position in its list
+    m = int(lens_t.max()) if lens else 0
+    table = torch.zeros(n_frames * k_max, m, dtype=torch.long, device=device)
+    table[member_slot, member_pos] = local
+    frame_entries = (counts.view(n_frames, k_max).sum(1)[dest_t].tolist() if k_max
+                     else [0] * len(feats))  # entries of each real frame
+    return _Packed(
+        frames=feats,
+        frame_index=dest,
+        frame_entries=frame_entries,
+        q_max=q_max,
+        member_slot=member_slot,
+        member_query=local,
+        table=table.view(n_frames, k_max, m),
+        counts=counts.view(num_samples, v_max, k_max),
+        num_instances=torch.tensor(inst_per_sample, dtype=torch.long, device=device),
+        num_frames=frames_per_sample,
+        shape=(num_samples, v_max, k_max),
+    )
+
+
+def _centres(p: _Packed, members: Tensor, reduce: str) -> Tensor:
+    """Instance centres, the ``"mean"`` or element-wise ``"max"`` of the members' features
+    -> ``(F, K, d)``; zero when the instance is absent.
+
+    The max is one segment reduction over the entries, which are stored slot by slot; on exact
+    ties its gradient is shared by the tied entries (the released ``max(0)`` gives it to the
+    first one; a query listed twice is the same query either way).
+    """
+    b, v, k = p.shape
+    counts = p.counts.view(-1, 1)  # (F*K, 1)
+    if members.shape[0] == 0:
+        return members.sum() * 0.0 + members.new_zeros(b * v, k, members.shape[1])
+    if reduce == "mean":
+        sums = members.new_zeros(b * v * k, members.shape[1]).index_add(0, p.member_slot, members)
+        return (sums / counts.clamp(min=1).to(sums.dtype)).view(b * v, k, members.shape[1])
+    centres = torch.segment_reduce(members, "max", lengths=counts.view(-1), unsafe=True)
+    centres = torch.where(counts > 0, centres, torch.zeros_like(centres))  # (F*K, d)
+    return centres.view(b * v, k, members.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Functional InfoNCE terms on padded tensors
+# --------------------------------------------------------------------------------------------
+
+def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
+                      normalize_by: str = "present", num_instances: Tensor | None = None,
+                      mask_zero_logits: bool = False) -> Tensor:
+    """Temporal InfoNCE between instance centres of consecutive frames, both directions.
+
+    For each sample, each pair (t, t+1) and each direction, rows are the instances present in
+    both frames, columns the instances present in the target frame, logits
+    ``<c_t[r], c_{t+1}[c]> / tau`` and the label of row r is column r.
+
+    Args:
+        centres: ``(B, V, K, d)`` instance centres (padding rows may hold anything finite).
+        present: ``(B, V, K)`` bool, instance k is observed in frame v.
+        tau: temperature.
+        normalize_by: ``"present"`` — mean over the valid rows of each (pair, direction)
+            (``_Fast``); ``"instances"`` — sum over valid rows divided by ``num_instances[b]``,
+            the sample's K including absent instances (``_Seal``).
+        num_instances: ``(B,)`` K_b, required for ``"instances"``.
+        mask_zero_logits: also treat an exactly-zero logit as absent — a row whose own logit is
+            0 is dropped, a zero column is set to -inf (the released ``_Fast``, which detects
+            absent instances by ``logit == 0``).
+
+    Returns:
+        ``(B,)`` per-sample loss: summed over frame pairs and both directions.
+    """
+    if normalize_by not in ("present", "instances"):
+        raise ValueError(f"normalize_by: expected 'present' or 'instances', got {normalize_by!r}")
+    if normalize_by == "instances" and num_instances is None:
+        raise ValueError("num_instances: expected (B,) K_b with normalize_by='instances', got None")
+    bsz, v, k, _ = centres.shape
+    if v < 2 or k == 0:
+        return centres.sum((1, 2, 3)) * 0.0
+    logits = torch.einsum("btkd,btld->btkl", centres[:, :-1], centres[:, 1:]) / tau  # (B,V-1,K,K)
+    logits = torch.stack([logits, logits.transpose(-1, -2)], 2)  # (B, V-1, 2, K, K)
+    src = torch.stack([present[:, :-1], present[:, 1:]], 2)  # (B, V-1, 2, K) rows' frame
+    dst = torch.stack([present[:, 1:], present[:, :-1]], 2)  # (B, V-1, 2, K) columns' frame
+    row_valid = src & dst  # (B, V-1, 2, K)
+    hide = ~dst.unsqueeze(-2)  # (B, V-1, 2, 1, K) absent columns
+    if mask_zero_logits:
+        zero = logits == 0
+        row_valid = row_valid & ~zero.diagonal(dim1=-2, dim2=-1)
+        hide = hide | zero
+    # Mask on valid rows only: their own column stays finite, and invalid rows (weight 0)
+    # never become all -inf.
+    logits = logits.masked_fill(row_valid.unsqueeze(-1) & hide, float("-inf"))
+    target = torch.arange(k, device=centres.device).expand(bsz, v - 1, 2, k)
+    ce = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1), reduction="none")
+    ce = ce.view(bsz, v - 1, 2, k)
+    w = row_valid.to(ce.dtype)
+    if normalize_by == "present":
+        w = w / w.sum(-1, keepdim=True).clamp(min=1)
+    else:
+        w = w / num_instances.to(ce.dtype).clamp(min=1).view(bsz, 1, 1, 1)
+    return (ce * w).sum((1, 2, 3))
+
+
+def _query_scores(centres: Tensor, frame_feats: Tensor, tau: float) -> Tensor:
+    """``<query_q, centre_r> / tau`` for every query and instance of a frame -> ``(F, Q, K)``.
+
+    Queries first, so the gradient reaching ``frame_feats`` comes out contiguous.
+    """
+    return torch.bmm(frame_feats, centres.transpose(1, 2)) / tau
+
+
+def _rows_ce(logits: Tensor) -> Tensor:
+    """Cross-entropy of ``(F, M, K_c, K_r)`` logits (classes c) against label r -> (F, M, K_r)."""
+    nf, m, k, _ = logits.shape
+    target = torch.arange(k, device=logits.device).expand(nf * m, k)  # (F*M, K_r)
+    ce = F.cross_entropy(logits.reshape(nf * m, k, k), target, reduction="none")
+    return ce.view(nf, m, k)
+
+
+def merge_p2s_infonce_fast(centres: Tensor, frame_feats: Tensor, table: Tensor, counts: Tensor,
+                           tau: float = 0.02, *, mask_zero_logits: bool = False) -> Tensor:
+    """``_Fast`` point-to-segment InfoNCE, stepping through members in order.
+
+    Frame f with M_f = max_k count[f, k] contributes ``(1/M_f) sum_{i<M_f} mean_r CE(row r)`` over
+    present instances r, where row r holds ``<centre_r, member_c^(i)> / tau`` for every present
+    instance c, ``member_c^(i)`` being c's i-th member (its last one when it has fewer).
+
+    Args:
+        centres: ``(F, K, d)`` element-wise max of each instance's member features.
+        frame_feats: ``(F, Q, d)`` each frame's query features (padded).
+        table: ``(F, K, M)`` query index of the i-th member of instance k (padding: any index
+            in ``[0, Q)``).
+        counts: ``(F, K)`` members per instance.
+        tau: temperature.
+        mask_zero_logits: also treat an exactly-zero logit as absent (released ``_Fast``); the
+            mean at step i is then over the rows valid at that step.
+
+    Returns:
+        ``(F,)`` per-frame loss.
+    """
+    nf, k = counts.shape
+    m = table.shape[-1]
+    if k == 0 or m == 0 or frame_feats.shape[1] == 0:
+        return centres.sum((1, 2)) * 0.0 + frame_feats.sum((1, 2)) * 0.0
+    scores = _query_scores(centres, frame_feats, tau)  # (F, Q, K_r)
+    steps = torch.arange(m, device=counts.device)
+    # the i-th member of instance c, or its last one for shorter lists
+    pos = torch.minimum(steps.view(1, 1, m), (counts.unsqueeze(-1) - 1).clamp(min=0))  # (F,K_c,M)
+    query = table.gather(2, pos).transpose(1, 2).reshape(nf, m * k, 1)  # (F, M*K_c, 1)
+    logits = scores.gather(1, query.expand(nf, m * k, k)).view(nf, m, k, k)  # (F, M, K_c, K_r)
+    present = counts > 0  # (F, K)
+    num_steps = counts.max(1).values  # (F,) M_f
+    row_valid = present.view(nf, 1, k) & (steps.view(1, m, 1) < num_steps.view(nf, 1, 1))
+    hide = ~present.view(nf, 1, k, 1)  # (F, 1, K_c, 1) absent columns
+    if mask_zero_logits:
+        zero = logits == 0
+        row_valid = row_valid & ~zero.diagonal(dim1=2, dim2=3)  # (F, M, K_r)
+        hide = hide | zero
+    ce = _rows_ce(logits.masked_fill(hide & row_valid.unsqueeze(2), float("-inf")))  # (F,M,K_r)
+    w = row_valid.to(ce.dtype)
+    w = w / (w.sum(2, keepdim=True).clamp(min=1) * num_steps.clamp(min=1).view(nf, 1, 1))
+    return (ce * w).sum((1, 2))
+
+
+def merge_p2s_infonce_seal(centres: Tensor, frame_feats: Tensor, table: Tensor, counts: Tensor,
+                           negatives: Tensor, num_instances: Tensor, tau: float = 0.02) -> Tensor:
+    """``_Seal`` point-to-segment InfoNCE with one random negative per other instance.
+
+    Frame f contributes ``(1/K) sum_r (1/count_r) sum_{i<count_r} CE(row (r, i))`` over present r,
+    where row (r, i) holds the positive ``<centre_r, member_r^(i)> / tau`` in column r and, in
+    every other present column c, ``<centre_r, member_c^(negatives[f, r, i, c])> / tau``.
+
+    Args:
+        centres: ``(F, K, d)`` element-wise max of each instance's member features.
+        frame_feats: ``(F, Q, d)`` each frame's query features (padded).
+        table: ``(F, K, M)`` query index of the i-th member of instance k (padding: any index
+            in ``[0, Q)``).
+        counts: ``(F, K)`` members per instance.
+        negatives: ``(F, K, M, K)`` positions in ``[0, count_c)``; unread entries may hold
+            anything in ``[0, M)``.
+        num_instances: ``(F,)`` the K of each frame's sample (the divisor).
+        tau: temperature.
+
+    Returns:
+        ``(F,)`` per-frame loss.
+    """
+    nf, k = counts.shape
+    m = table.shape[-1]
+    if k == 0 or m == 0 or frame_feats.shape[1] == 0:
+        return centres.sum((1, 2)) * 0.0 + frame_feats.sum((1, 2)) * 0.0
+    scores = _query_scores(centres, frame_feats, tau)  # (F, Q, K_r)
+    pos = scores.gather(1, table.transpose(1, 2))  # (F, M, K_r): <centre_r, member_r^(i)>
+    # query of each negative, laid out (F, M, K_c, K_r): table[f, c, negatives[f, r, i, c]]
+    flat = (negatives.clamp(0, m - 1).permute(0, 2, 3, 1)
+            + m * torch.arange(k, device=counts.device).view(1, 1, k, 1))  # (F, M, K_c, K_r)
+    query = table.reshape(nf, k * m).gather(1, flat.reshape(nf, -1)).view(nf, m * k, k)
+    neg = scores.gather(1, query).view(nf, m, k, k)  # (F, M, K_c, K_r)
+    eye = torch.eye(k, dtype=torch.bool, device=counts.device).view(1, 1, k, k)
+    logits = torch.where(eye, pos.unsqueeze(2), neg)  # (F, M, K_c, K_r)
+    ce = _rows_ce(logits.masked_fill(~eye & ~(counts > 0).view(nf, 1, k, 1), float("-inf")))
+    valid = torch.arange(m, device=counts.device).view(1, m, 1) < counts.view(nf, 1, k)  # (F,M,K_r)
+    w = valid.to(ce.dtype) / (counts.clamp(min=1)
+                              * num_instances.clamp(min=1).view(nf, 1)).view(nf, 1, k).to(ce.dtype)
+    return (ce * w).sum((1, 2))
+
+
+def sample_seal_negatives(ins_masks: InsMasks, generator: torch.Generator | None = None
+                          ) -> list[list[Tensor]]:
+    """Draw the Seal p2s negatives in the released layout, for reproducible runs and tests.
+
+    Args:
+        ins_masks: ``ins_masks[b][v][k]`` query indices of instance k (the released layout).
+        generator: CPU ``torch.Generator``; None uses the global generator.
+
+    Returns:
+        ``negatives[b][v]``: int64 ``(K, M_f, K)``, ``M_f`` the frame's largest member count;
+        entry ``[r, i, c]`` is a uniform position in ``[0, count_c)`` (0 when c is absent).
+    """
+    out = []
+    for sample in ins_masks:
+        frames = []
+        for lists in sample:
+            counts = torch.tensor([len(t) for t in lists], dtype=torch.long)  # (K,)
+            m = int(counts.max()) if counts.numel() else 0
+            frames.append(_draw_negatives(counts.view(1, -1), m, generator)[0])
+        out.append(frames)
+    return out
+
+
+def _pack_negatives(negatives: Sequence[Sequence[Tensor]], p: _Packed) -> Tensor:
+    """Released-layout negatives -> padded ``(F, K, M, K)`` positions, validated."""
+    b, v, k = p.shape
+    m = p.table.shape[-1]
+    if len(negatives) != b:
+        raise ValueError(f"negatives: expected one entry per sample (B={b}), got {len(negatives)}")
+    out = torch.zeros(b, v, k, m, k, dtype=torch.long, device=p.counts.device)
+    for i, sample in enumerate(negatives):
+        if len(sample) != p.num_frames[i]:
+            raise ValueError(f"negatives[{i}]: expected one entry per frame "
+                             f"(V={p.num_frames[i]}), got {len(sample)}")
+        k_b = int(p.num_instances[i])
+        for t, neg in enumerate(sample):
+            need = int(p.counts[i, t].max()) if k else 0
+            if neg.dim() != 3 or neg.shape[0] != k_b or neg.shape[2] != k_b or neg.shape[1] < need:
+                raise ValueError(f"negatives[{i}][{t}]: expected shape (K={k_b}, M>={need}, "
+                                 f"K={k_b}), got {tuple(neg.shape)}")
+            mm = min(neg.shape[1], m)
+            out[i, t, :k_b, :mm, :k_b] = neg[:, :mm].to(out.device)
+    out = out.view(b * v, k, m, k)
+    counts = p.counts.view(b * v, k)
+    read = ((torch.arange(m, device=out.device).view(1, 1, m) < counts.unsqueeze(-1)).unsqueeze(-1)
+            & (counts > 0).view(b * v, 1, 1, k)
+            & ~torch.eye(k, dtype=torch.bool, device=out.device).view(1, k, 1, k))  # (F,K,M,K)
+    bad = read & ((out < 0) | (out >= counts.view(b * v, 1, 1, k)))
+    if bool(bad.any()):
+        raise ValueError("negatives: expected entry [r, i, c] in [0, count_c) wherever it is read "
+                         "(i < count_r, c != r present); got an out-of-range position")
+    return out
+
+
+def _draw_negatives(counts: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+    """Uniform positions in ``[0, count_c)`` -> ``(F, K, M, K)`` (0 where c is absent)."""
+    nf, k = counts.shape
+    device = generator.device if generator is not None else counts.device
+    u = torch.rand((nf, k, m, k), generator=generator, dtype=torch.float64, device=device)
+    c = counts.view(nf, 1, 1, k).to(device)
+    return (u * c).floor().long().minimum((c - 1).clamp(min=0)).to(counts.device)
+
+# --------------------------------------------------------------------------------------------
+# Criteria (released names)
+# --------------------------------------------------------------------------------------------
+
+class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
+    """ESAM's fast contrastive merge criterion, vectorised.
+
+    ``tmp``: InfoNCE (tau 0.07) between instance-mean merge features of consecutive frames, both
+    directions, averaged over the instances present in both frames of a pair, summed over pairs
+    and directions. ``p2s``: point-to-segment InfoNCE (tau 0.02) of max-pooled instance centres
+    against the members (see :func:`merge_p2s_infonce_fast`), summed over frames. Each term is a
+    mean over samples; ``loss = tmp_weight * tmp + p2s_weight * p2s`` (released weights 2, 2).
+
+    Returns a dict with the raw terms ``loss_merge_tmp`` / ``loss_merge_p2s`` (the enabled ones)
+    and ``loss``. The released ``merge_loss_tmp`` / ``merge_loss_p2s`` equal our
+    ``tmp_weight * loss_merge_tmp`` / ``p2s_weight * loss_merge_p2s``.
+
+    Differences from the released code, all outside its normal operating range:
+
+    * a sample with a single frame: the released ``torch.stack`` of a Python ``0.0`` raises a
+      ``TypeError``; we return a zero connected to the graph. No instances (K = 0), no instance
+      present in both frames of any pair, or no member at all: the released code returns a
+      constant zero with no graph; ours is connected to the graph (gradients are zero).
+
+    Args:
+        tmp, p2s: enable each term (a disabled term is absent from the dict).
+        tmp_weight, p2s_weight: weights in ``loss``.
+        tmp_tau, p2s_tau: temperatures.
+        mask_zero_logits: the released code finds absent instances by testing ``logit == 0``, so
+            an exactly-zero similarity (orthogonal features) also counts as "absent": a row whose
+            own logit is 0 is dropped and a zero column gets -inf. True (default) reproduces it;
+            False decides by presence only (an instance with at least one query in the frame),
+            the plain InfoNCE. The two agree unless a dot product is exactly 0.
+    """
+
+    def __init__(self, *, tmp: bool = True, p2s: bool = True, tmp_weight: float = 2.0,
+                 p2s_weight: float = 2.0, tmp_tau: float = 0.07, p2s_tau: float = 0.02,
+                 mask_zero_logits: bool = True):
+        super().__init__()
+        if not (tmp or p2s):
+            raise ValueError("tmp, p2s: expected at least one term enabled, got both False")
+        self.tmp, self.p2s = tmp, p2s
+        self.tmp_weight, self.p2s_weight = tmp_weight, p2s_weight
+        self.tmp_tau, self.p2s_tau = tmp_tau, p2s_tau
+        self.mask_zero_logits = mask_zero_logits
+
+    def forward(self, merge_feats: MergeFeats, ins_masks: InsMasks) -> dict[str, Tensor]:
+        """Compute the terms.
+
+        Args:
+            merge_feats: ``merge_feats[b][v]`` ``(Q, d)`` merge features (released layout).
+            ins_masks: ``ins_masks[b][v][k]`` 1-D query indices of instance k.
+        """
+        p = _pack(merge_feats, ins_masks)
+        b, v, k = p.shape
+        members = p.member_feats()  # (E, d)
+        out: dict[str, Tensor] = {}
+        loss = 0.0
+        if self.tmp:
+            centres = _centres(p, members, "mean").view(b, v, k, members.shape[1])  # (B, V, K, d)
+            tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau,
+                                    mask_zero_logits=self.mask_zero_logits).mean()
+            out["loss_merge_tmp"] = tmp
+            loss = loss + self.tmp_weight * tmp
+        if self.p2s:
+            per_frame = merge_p2s_infonce_fast(
+                _centres(p, members, "max"), p.frame_feats(), p.table, p.counts.view(b * v, k),
+                self.p2s_tau, mask_zero_logits=self.mask_zero_logits)  # (F,)
+            p2s = per_frame.view(b, v).sum(1).mean()
+            out["loss_merge_p2s"] = p2s
+            loss = loss + self.p2s_weight * p2s
+        out["loss"] = loss
+        return out
+
+
+class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
+    """ESAM's Seal-style contrastive merge criterion, vectorised.
+
+    ``tmp``: the temporal InfoNCE of ``_Fast`` (tau 0.07, both directions) but each (pair,
+    direction) divided by the sample's K (absent instances included) instead of the number of
+    valid rows. ``p2s``: each member of each present instance against its max-pooled centre,
+    with one random member of every other present instance as negative (tau 0.02), averaged over
+    the instance's members, summed over instances and divided by K (see
+    :func:`merge_p2s_infonce_seal`). Sums over frames, means over samples;
+    ``loss = tmp_weight * tmp + p2s_weight * p2s`` (released: both 1, ``merge_loss``).
+
+    Randomness: pass ``negatives`` (released layout, see :func:`sample_seal_negatives`) to fix the
+    draw, or a ``generator``; the released code draws with ``np.random``, so only fixed draws (or
+    one member per instance, where the draw is forced) reproduce it exactly.
+
+    Differences from the released code: a sample with a single frame makes its ``torch.stack``
+    of a Python ``0.0`` raise ``TypeError``, and ``exp(<c, f> / tau)`` overflows to inf / NaN for
+    unnormalised features (|<c, f>| / tau > ~88 in float32); we return a zero connected to the
+    graph and stay finite (log-sum-exp). No instances: zero connected to the graph.
+
+    Args:
+        tmp_weight, p2s_weight: weights in ``loss``.
+        tmp_tau, p2s_tau: temperatures.
+    """
+
+    def __init__(self, *, tmp_weight: float = 1.0, p2s_weight: float = 1.0, tmp_tau: float = 0.07,
+                 p2s_tau: float = 0.02):
+        super().__init__()
+        self.tmp_weight, self.p2s_weight = tmp_weight, p2s_weight
+        self.tmp_tau, self.p2s_tau = tmp_tau, p2s_tau
+
+    def forward(self, merge_feats: MergeFeats, ins_masks: InsMasks, *,
+                negatives: Sequence[Sequence[Tensor]] | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Compute the terms.
+
+        Args:
+            merge_feats: ``merge_feats[b][v]`` ``(Q, d)`` merge features (released layout).
+            ins_masks: ``ins_masks[b][v][k]`` 1-D query indices of instance k.
+            negatives: ``negatives[b][v]`` ``(K, M_f, K)`` positions (see
+                :func:`sample_seal_negatives`), or None to draw them.
+            generator: generator for the draw when ``negatives`` is None.
+        """
+        p = _pack(merge_feats, ins_masks)
+        b, v, k = p.shape
+        members = p.member_feats()  # (E, d)
+        centres = _centres(p, members, "mean").view(b, v, k, members.shape[1])  # (B, V, K, d)
+        tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau, normalize_by="instances",
+                                num_instances=p.num_instances).mean()
+        counts = p.counts.view(b * v, k)
+        if negatives is not None:
+            neg = _pack_negatives(negatives, p)
+        else:
+            neg = _draw_negatives(counts, p.table.shape[-1], generator)
+        per_frame = merge_p2s_infonce_seal(_centres(p, members, "max"), p.frame_feats(), p.table,
+                                           counts, neg,
+                                           p.num_instances.repeat_interleave(v),
+                                           self.p2s_tau)  # (F,)
+        p2s = per_frame.view(b, v).sum(1).mean()
+        loss = self.tmp_weight * tmp + self.p2s_weight * p2s
+        return {"loss_merge_tmp": tmp, "loss_merge_p2s": p2s, "loss": loss}
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's L_merge: per-point cross-entropy over global instances
+# --------------------------------------------------------------------------------------------
+
+def merge_ce_loss(point_logits: Tensor, global_id_gt: Tensor, reduction: str = "mean") -> Tensor:
+    """Seed L_merge = -(1/N) sum_i log softmax(point_logits[i])[global_id_gt[i]].
+
+    Args:
+        point_logits: ``(N, 1+K)`` logits over {background, global instances 1..K}.
+        global_id_gt: ``(N,)`` integer target in ``{0..K}`` (0: background).
+        reduction: ``"mean"`` (empty-safe), ``"sum"`` or ``"none"`` (``(N,)``).
+
+    Returns:
+        Scalar, or ``(N,)`` for ``"none"``.
+    """
+    if point_logits.dim() != 2 or point_logits.shape[1] < 1:
+        raise ValueError(f"point_logits: expected shape (N, 1+K), got {tuple(point_logits.shape)}")
+    n, c = point_logits.shape
+    if global_id_gt.shape != (n,) or global_id_gt.is_floating_point():
+        raise ValueError(f"global_id_gt: expected an integer tensor of shape (N={n},), got shape "
+                         f"{tuple(global_id_gt.shape)} dtype {global_id_gt.dtype}")
+    if n and (int(global_id_gt.min()) < 0 or int(global_id_gt.max()) >= c):
+        raise ValueError(f"global_id_gt: expected values in [0, {c - 1}], got "
+                         f"[{int(global_id_gt.min())}, {int(global_id_gt.max())}]")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    loss = F.cross_entropy(point_logits, global_id_gt.long(), reduction="none")  # (N,)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean() if n > 0 else point_logits.sum() * 0.0
+
+
+def global_point_logits(mask_logits: Tensor, query_global_ids: Tensor, num_global: int,
+                        background_logit: float = 0.0, *, empty_logit: float = -1e4) -> Tensor:
+    """Per-point logits of the global instances from the queries merged into them.
+
+    The logit of global instance g at point i is ``max_{q: id(q) = g} mask_logits[q, i]``;
+    queries with id 0 (not merged) are ignored.
+
+    Args:
+        mask_logits: ``(Q, N)`` mask logits.
+        query_global_ids: ``(Q,)`` integer global id in ``{0..K}`` of each query.
+        num_global: K.
+        background_logit: the constant logit of class 0 (background).
+        empty_logit: logit of a global instance that no query was merged into (very negative,
+            finite so that the loss stays finite).
+
+    Returns:
+        ``(N, 1+K)`` logits.
+    """
+    if mask_logits.dim() != 2:
+        raise ValueError(f"mask_logits: expected shape (Q, N), got {tuple(mask_logits.shape)}")
+    q, n = mask_logits.shape
+    if query_global_ids.shape != (q,) or query_global_ids.is_floating_point():
+        raise ValueError(f"query_global_ids: expected an integer tensor of shape (Q={q},), got "
+                         f"shape {tuple(query_global_ids.shape)} dtype {query_global_ids.dtype}")
+    if num_global < 0:
+        raise ValueError(f"num_global: expected K >= 0, got {num_global}")
+    if q and (int(query_global_ids.min()) < 0 or int(query_global_ids.max()) > num_global):
+        raise ValueError(f"query_global_ids: expected values in [0, {num_global}], got "
+                         f"[{int(query_global_ids.min())}, {int(query_global_ids.max())}]")
+    out = mask_logits.new_full((1 + num_global, n), empty_logit)  # (1+K, N)
+    index = query_global_ids.long().view(q, 1).expand(q, n)  # (Q, N)
+    out = out.scatter_reduce(0, index, mask_logits, reduce="amax", include_self=False)
+    background = mask_logits.new_full((1, n), background_logit)
+    return torch.cat([background, out[1:]], 0).T  # (N, 1+K)
+
+
+@torch.no_grad()
+def align_global_ids(pred_boxes: Tensor, gt_boxes: Tensor, gt_point_ids: Tensor,
+                     iou_threshold: float = 0.25) -> Tensor:
+    """Align GT instances to predicted global instances through their boxes.
+
+    Hungarian assignment maximising the summed 3-D IoU, restricted to pairs with
+    ``IoU >= iou_threshold`` (and IoU > 0); a GT instance left without a partner maps to 0.
+
+    Args:
+        pred_boxes: ``(K_p, 6)`` predicted global instance boxes (cx, cy, cz, dx, dy, dz).
+        gt_boxes: ``(K_g, 6)`` ground-truth instance boxes.
+        gt_point_ids: ``(N,)`` GT instance of each point in ``{-1..K_g-1}`` (-1: none).
+        iou_threshold: minimal IoU of an aligned pair.
+
+    Returns:
+        ``(N,)`` int64 ``global_id_gt`` in ``{0..K_p}``: 1 + the predicted instance aligned to the
+        point's GT instance, 0 for background or unaligned GT instances.
+    """
+    k_g = gt_boxes.shape[0] if gt_boxes.dim() == 2 else -1
+    if gt_point_ids.dim() != 1 or gt_point_ids.is_floating_point():
+        raise ValueError(f"gt_point_ids: expected an integer tensor of shape (N,), got shape "
+                         f"{tuple(gt_point_ids.shape)} dtype {gt_point_ids.dtype}")
+    iou = axis_aligned_box_iou(pred_boxes, gt_boxes)  # (K_p, K_g)
+    if gt_point_ids.numel() and (int(gt_point_ids.min()) < -1 or int(gt_point_ids.max()) >= k_g):
+        raise ValueError(f"gt_point_ids: expected values in [-1, {k_g - 1}], got "
+                         f"[{int(gt_point_ids.min())}, {int(gt_point_ids.max())}]")
+    gt_to_pred = torch.zeros(k_g + 1, dtype=torch.long, device=gt_point_ids.device)  # slot 0: -1
+    if iou.numel():
+        ok = (iou >= iou_threshold) & (iou > 0)
+        gain = torch.where(ok, iou, torch.zeros_like(iou)).double().cpu().numpy()
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        keep = ok.cpu().numpy()[rows, cols]
+        rows = torch.as_tensor(rows[keep], dtype=torch.long, device=gt_point_ids.device)
+        cols = torch.as_tensor(cols[keep], dtype=torch.long, device=gt_point_ids.device)
+        gt_to_pred[cols + 1] = rows + 1
+    return gt_to_pred[gt_point_ids.long() + 1]
+
+
+class MergeCECriterion(nn.Module):
+    """Seed L_merge: per-point cross-entropy over {background, global instances}.
+
+    ``forward`` takes per-sample query mask logits, the global id each query was merged into and
+    the aligned per-point target (see :func:`align_global_ids`), builds per-point logits with
+    :func:`global_point_logits` and returns ``{"loss_merge_ce": ..., "loss": weight * ...}``; with
+    several samples, the per-sample means are averaged.
+
+    Args:
+        weight: weight of the term in ``loss``.
+        background_logit: constant logit of the background class.
+        empty_logit: logit of a global instance with no query.
+    """
+
+    def __init__(self, *, weight: float = 1.0, background_logit: float = 0.0,
+                 empty_logit: float = -1e4):
+        super().__init__()
+        self.weight = weight
+        self.background_logit = background_logit
+        self.empty_logit = empty_logit
+
+    def forward(self, mask_logits: Tensor | Sequence[Tensor],
+                query_global_ids: Tensor | Sequence[Tensor],
+                global_id_gt: Tensor | Sequence[Tensor],
+                num_global: int | Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Compute the term.
+
+        Args:
+            mask_logits: ``(Q, N)`` or a list over B samples.
+            query_global_ids: ``(Q,)`` in ``{0..K}`` or a list.
+            global_id_gt: ``(N,)`` in ``{0..K}`` or a list.
+            num_global: K per sample; default the largest id in the two id tensors.
+        """
+        if isinstance(mask_logits, Tensor):
+            mask_logits, query_global_ids = [mask_logits], [query_global_ids]
+            global_id_gt = [global_id_gt]
+            num_global = [num_global]
+        if not (len(mask_logits) == len(query_global_ids) == len(global_id_gt)) or not mask_logits:
+            raise ValueError("mask_logits, query_global_ids, global_id_gt: expected the same "
+                             f"non-zero number of samples, got {len(mask_logits)}, "
+                             f"{len(query_global_ids)}, {len(global_id_gt)}")
+        if num_global is None:
+            num_global = [None] * len(mask_logits)
+        if len(num_global) != len(mask_logits):
+            raise ValueError(f"num_global: expected one K per sample (B={len(mask_logits)}), got "
+                             f"{len(num_global)}")
+        losses = []
+        for logits, qid, gt, k in zip(mask_logits, query_global_ids, global_id_gt, num_global):
+            if k is None:
+                k = max(int(qid.max()) if qid.numel() else 0, int(gt.max()) if gt.numel() else 0)
+            point_logits = global_point_logits(logits, qid, k, self.background_logit,
+                                               empty_logit=self.empty_logit)
+            losses.append(merge_ce_loss(point_logits, gt))
+        ce = torch.stack(losses).mean()
+        return {"loss_merge_ce": ce, "loss": self.weight * ce}

@@ -169,6 +169,18 @@ def test_point_covered_twice_goes_to_highest_score():
     f.masks[1, :5] = True
     f.scores = torch.tensor([0.1, 0.8])
     assert OnlineMerge().merge(f).global_ids[:5].tolist() == [2] * 5
+    f = frame([TABLE, CHAIR], g)
+    f.masks[0, 20:25] = True  # tie: equal scores, the lower global id wins
+    f.scores = torch.tensor([0.5, 0.5])
+    assert OnlineMerge().merge(f).global_ids[20:25].tolist() == [1] * 5
+    merger = OnlineMerge()
+    first = frame([CHAIR, TABLE], g)  # chair -> id 1, table -> id 2
+    first.scores = torch.tensor([0.5, 0.5])
+    merger.merge(first)
+    second = frame([TABLE, CHAIR], g)
+    second.scores = torch.tensor([0.5, 0.5])
+    second.masks[0, 20:25] = True  # the table (frame instance 0) claims chair points
+    assert merger.merge(second).global_ids[20:25].tolist() == [1] * 5
 
 
 def test_topk_output_and_memory_modes():

@@ -93,14 +93,18 @@ def boxes_from_masks(points: Tensor, masks: Tensor) -> Tensor:
     Returns:
         ``(P, 6)`` (cx, cy, cz, dx, dy, dz); a mask without points gets a zero box.
     """
-    p = masks.shape[0]
     inst, pt = masks.nonzero(as_tuple=True)  # (nnz,), (nnz,)
+    return _boxes_from_pairs(points, inst, pt, masks.shape[0])
+
+
+def _boxes_from_pairs(points: Tensor, inst: Tensor, pt: Tensor, p: int) -> Tensor:
+    """Boxes from (instance, point) membership pairs -> ``(P, 6)``."""
     xyz = points[pt]  # (nnz, 3)
     index = inst.unsqueeze(1).expand(-1, 3)
     big = torch.finfo(points.dtype).max
     lo = points.new_full((p, 3), big).scatter_reduce(0, index, xyz, reduce="amin")
     hi = points.new_full((p, 3), -big).scatter_reduce(0, index, xyz, reduce="amax")
-    empty = (masks.sum(1) == 0).unsqueeze(1)  # (P, 1)
+    empty = (torch.bincount(inst, minlength=p) == 0).unsqueeze(1)  # (P, 1)
     lo = lo.masked_fill(empty, 0.0)
     hi = hi.masked_fill(empty, 0.0)
     return torch.cat([(lo + hi) / 2, hi - lo], 1)
@@ -248,24 +252,38 @@ class OnlineMerge:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat(parts)
 
-    def _point_ids(self, masks: Tensor, rows: Tensor) -> Tensor:
-        """Global id per point of one frame block, highest memory score first -> ``(N_t,)``."""
+    def _point_ids(self, masks: Tensor, rows: Tensor,
+                   pairs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Global id per point of one frame block, highest memory score first -> ``(N_t,)``.
+
+        Works on the (instance, point) pairs of the masks: each instance gets a rank by memory
+        score (ties: the lower global id ranks higher) and every point keeps the largest rank
+        that covers it.
+        """
         p, n = masks.shape
+        out = torch.zeros(n, dtype=torch.long, device=masks.device)
         if p == 0 or self.num_global == 0:
-            return torch.zeros(n, dtype=torch.long, device=masks.device)
+            return out
+        inst, pt = masks.nonzero(as_tuple=True) if pairs is None else pairs  # (nnz,)
         safe = rows.clamp(min=0)
         usable = (rows >= 0) & self._reported[safe]  # (P,)
-        score = torch.where(usable, self._scores[safe], torch.full_like(self._scores[safe], -1.0))
-        cover = masks & usable.unsqueeze(1)  # (P, N_t)
-        ranked = torch.where(cover, score.unsqueeze(1).expand(p, n),
-                             torch.full((p, n), float("-inf"), dtype=score.dtype,
-                                        device=score.device))  # (P, N_t)
-        _, arg = ranked.max(0)  # (N_t,)
-        return torch.where(cover.any(0), safe[arg] + 1, torch.zeros_like(arg))
+        score = torch.where(usable, self._scores[safe], torch.full_like(self._scores[safe],
+                                                                         float("-inf")))
+        # ascending by score, and by descending memory row among equal scores
+        by_row = torch.sort(safe, descending=True, stable=True).indices  # (P,)
+        order = by_row[torch.sort(score[by_row], stable=True).indices]  # (P,)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(p, device=masks.device)
+        keep = usable[inst]
+        best = torch.full((n,), -1, dtype=torch.long, device=masks.device).scatter_reduce(
+            0, pt[keep], rank[inst[keep]], reduce="amax")  # (N_t,)
+        covered = best >= 0
+        out[covered] = safe[order[best[covered]]] + 1
+        return out
 
     # ---------------------------------------------------------------------------------- merge
 
-    def _validate(self, frame: FrameInstances) -> tuple[Tensor, Tensor]:
+    def _validate(self, frame: FrameInstances) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         masks = frame.masks
         if masks.dim() != 2:
             raise ValueError(f"masks: expected shape (P, N_t), got {tuple(masks.shape)}")
@@ -285,6 +303,7 @@ class OnlineMerge:
         if self._features is not None and f.shape[1] != self._features.shape[1]:
             raise ValueError(f"features: expected d={self._features.shape[1]} (the memory's), "
                              f"got {f.shape[1]}")
+        pairs = masks.nonzero(as_tuple=True)  # (instance, point) pairs, (nnz,) each
         if frame.boxes is not None:
             if frame.boxes.shape != (p, 6):
                 raise ValueError(f"boxes: expected shape (P={p}, 6), got "
@@ -297,11 +316,11 @@ class OnlineMerge:
             if frame.points.shape != (n, 3):
                 raise ValueError(f"points: expected shape (N_t={n}, 3), got "
                                  f"{tuple(frame.points.shape)}")
-            boxes = boxes_from_masks(frame.points, masks)
+            boxes = _boxes_from_pairs(frame.points, pairs[0], pairs[1], p)
         if frame.similarity is not None and frame.similarity.shape != (self.num_global, p):
             raise ValueError(f"similarity: expected shape (K={self.num_global}, P={p}) against "
                              f"the memory before this frame, got {tuple(frame.similarity.shape)}")
-        return masks, boxes
+        return masks, boxes, pairs
 
     @torch.no_grad()
     def merge(self, frame: FrameInstances) -> MergeResult:
@@ -313,14 +332,14 @@ class OnlineMerge:
         Returns:
             :class:`MergeResult` with the frame's per-point global ids.
         """
-        masks, boxes = self._validate(frame)
+        masks, boxes, pairs = self._validate(frame)
         p, n = masks.shape
         device = masks.device
         feats = frame.features.detach()
         scores = frame.scores.detach().to(feats.dtype)
         labels = frame.labels.long()
         boxes = boxes.detach().to(feats.dtype)
-        usable = masks.sum(1) >= self.min_points  # (P,)
+        usable = torch.bincount(pairs[0], minlength=p) >= self.min_points  # (P,)
         if self._scores is None:
             d = feats.shape[1]
             self._features = feats.new_zeros(0, d)
@@ -363,7 +382,7 @@ class OnlineMerge:
         self._num_seen += n
         self._select_topk()
         rows = self._blocks[-1][1]
-        global_ids = self._point_ids(masks, rows)
+        global_ids = self._point_ids(masks, rows, pairs)
         instance_ids = rows + 1  # -1 -> 0
         return MergeResult(
             global_ids=global_ids,

@@ -48,6 +48,16 @@ def _check_long(t: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
 
 
+def _check_mask(t: Tensor, name: str) -> None:
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name}: expected a bool (or integer 0/1) tensor, got dtype {t.dtype}")
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
 class InstanceMasks:
     """Ground-truth instance masks over P positions (points or superpoints).
 
@@ -62,32 +72,37 @@ class InstanceMasks:
     """
 
     def __init__(self, *, ids: Tensor | None = None, dense: Tensor | None = None,
-                 num_instances: int | None = None):
+                 num_instances: int | None = None, name: str | None = None):
+        # ``name``: the argument the masks came from, for error messages (default ids / dense)
         if (ids is None) == (dense is None):
             raise ValueError("InstanceMasks: give exactly one of `ids` (P,) or `dense` (K, P)")
         if ids is not None:
-            _check(ids.dim() == 1, "ids", "shape (P,)", ids)
-            _check_long(ids, "ids")
+            name = name or "ids"
+            _check(ids.dim() == 1, name, "shape (P,)", ids)
+            _check_long(ids, name)
             ids = ids.long()
             k_max = int(ids.max()) + 1 if ids.numel() else 0
             if ids.numel() and int(ids.min()) < -1:
-                raise ValueError(f"ids: expected values in [-1, K), got minimum {int(ids.min())}")
+                raise ValueError(f"{name}: expected values in [-1, K), got minimum "
+                                 f"{int(ids.min())}")
             if num_instances is None:
                 num_instances = k_max
             elif k_max > num_instances:
-                raise ValueError(
-                    f"ids: values must be < num_instances={num_instances}, got maximum {k_max - 1}")
+                raise ValueError(f"{name}: expected values < K={num_instances} (one per label), "
+                                 f"got maximum {k_max - 1}")
             self.num_instances = int(num_instances)
             self.num_positions = ids.shape[0]
         else:
-            _check(dense.dim() == 2, "dense", "shape (K, P)", dense)
+            name = name or "dense"
+            _check(dense.dim() == 2, name, "shape (K, P)", dense)
             if dense.dtype != torch.bool:
                 if dense.is_floating_point() or dense.dtype.is_complex:
-                    raise ValueError(f"dense: expected a bool (K, P) tensor, got dtype {dense.dtype}")
+                    raise ValueError(f"{name}: expected a bool (K, P) tensor, got dtype "
+                                     f"{dense.dtype}")
                 dense = dense != 0
             if num_instances is not None and num_instances != dense.shape[0]:
                 raise ValueError(
-                    f"dense: expected {num_instances} rows (num_instances), got {dense.shape[0]}")
+                    f"{name}: expected {num_instances} rows (num_instances), got {dense.shape[0]}")
             self.num_instances = dense.shape[0]
             self.num_positions = dense.shape[1]
         self.ids = ids
@@ -314,6 +329,11 @@ class FramePrediction:
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, LayerOutput):
                 raise ValueError(f"layers[{i}]: expected a LayerOutput, got {type(layer).__name__}")
+        for name in ("semantic_logits", "query_features", "merge_features", "fused_global",
+                     "clip_global"):
+            t = getattr(self, name)
+            if t is not None and not t.is_floating_point():
+                raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
         if self.semantic_logits is not None:
             _check(self.semantic_logits.dim() == 2, "semantic_logits", "shape (N or S, C)",
                    self.semantic_logits)
@@ -384,10 +404,12 @@ class FrameTarget:
             raise ValueError("FrameTarget: give only one of instance_ids and instance_masks")
         if self.instance_ids is not None:
             _check(self.instance_ids.dim() == 1, "instance_ids", "shape (N,)", self.instance_ids)
+            _check_long(self.instance_ids, "instance_ids")
             n = self.instance_ids.shape[0]
         else:
             _check(self.instance_masks.dim() == 2 and self.instance_masks.shape[0] == k,
                    "instance_masks", f"shape (K={k}, N)", self.instance_masks)
+            _check_mask(self.instance_masks, "instance_masks")
             n = self.instance_masks.shape[1]
         self.num_points = n
         if self.superpoints is not None:
@@ -398,11 +420,22 @@ class FrameTarget:
         if self.sp_instance_masks is not None:
             _check(self.sp_instance_masks.dim() == 2 and self.sp_instance_masks.shape[0] == k,
                    "sp_instance_masks", f"shape (K={k}, S)", self.sp_instance_masks)
+            _check_mask(self.sp_instance_masks, "sp_instance_masks")
             self.num_superpoints = self.sp_instance_masks.shape[1]
         if self.sp_instance_ids is not None:
             _check(self.sp_instance_ids.dim() == 1, "sp_instance_ids", "shape (S,)",
                    self.sp_instance_ids)
+            _check_long(self.sp_instance_ids, "sp_instance_ids")
             self.num_superpoints = self.sp_instance_ids.shape[0]
+        if self.superpoints is not None and n:
+            # An index past S would fail deep inside torch, a negative one would silently wrap.
+            lo, hi = (int(x) for x in torch.aminmax(self.superpoints))
+            if lo < 0 or hi >= self.num_superpoints:
+                raise ValueError(f"superpoints: expected values in [0, S={self.num_superpoints}), "
+                                 f"got range [{lo}, {hi}]")
+        if self.sp_semantic is not None:
+            _check(self.sp_semantic.dim() == 1, "sp_semantic", "shape (S,)", self.sp_semantic)
+            _check_long(self.sp_semantic, "sp_semantic")
         if self.semantic is not None:
             _check(self.semantic.shape == (n,), "semantic", f"shape (N={n},)", self.semantic)
             _check_long(self.semantic, "semantic")
@@ -411,8 +444,10 @@ class FrameTarget:
         if self.query_masks is not None:
             _check(self.query_masks.dim() == 2 and self.query_masks.shape[0] == k, "query_masks",
                    f"shape (K={k}, Q)", self.query_masks)
+            _check_mask(self.query_masks, "query_masks")
         if self.global_ids is not None:
             _check(self.global_ids.shape == (k,), "global_ids", f"shape (K={k},)", self.global_ids)
+            _check_long(self.global_ids, "global_ids")
         if self.points is not None:
             _check(self.points.shape == (n, 3), "points", f"shape (N={n}, 3)", self.points)
 
@@ -424,9 +459,10 @@ class FrameTarget:
         """Point-level GT masks."""
         if "point" not in self._cache:
             if self.instance_ids is not None:
-                m = InstanceMasks(ids=self.instance_ids, num_instances=self.num_instances)
+                m = InstanceMasks(ids=self.instance_ids, num_instances=self.num_instances,
+                                  name="instance_ids")
             else:
-                m = InstanceMasks(dense=self.instance_masks)
+                m = InstanceMasks(dense=self.instance_masks, name="instance_masks")
             self._cache["point"] = m
         return self._cache["point"]
 
@@ -434,9 +470,10 @@ class FrameTarget:
         """Superpoint-level GT masks: given, or a majority vote of the point level."""
         if "superpoint" not in self._cache:
             if self.sp_instance_masks is not None:
-                m = InstanceMasks(dense=self.sp_instance_masks)
+                m = InstanceMasks(dense=self.sp_instance_masks, name="sp_instance_masks")
             elif self.sp_instance_ids is not None:
-                m = InstanceMasks(ids=self.sp_instance_ids, num_instances=self.num_instances)
+                m = InstanceMasks(ids=self.sp_instance_ids, num_instances=self.num_instances,
+                                  name="sp_instance_ids")
             else:
                 if self.superpoints is None:
                     raise ValueError(
@@ -539,12 +576,17 @@ class SequencePrediction:
             for t, m in enumerate(self.match_logits):
                 qa, qb = self.frames[t].final.num_queries, self.frames[t + 1].final.num_queries
                 _check(m.shape == (qa, qb), f"match_logits[{t}]", f"shape (Q_t={qa}, Q_t+1={qb})", m)
+                _check_float(m, f"match_logits[{t}]")
         if self.tdt_features is not None:
             if len(self.tdt_features) != v:
                 raise ValueError(f"tdt_features: expected V={v} tensors, got {len(self.tdt_features)}")
             for t, f in enumerate(self.tdt_features):
                 q = self.frames[t].final.num_queries
                 _check(f.dim() == 2 and f.shape[0] == q, f"tdt_features[{t}]", f"shape (Q={q}, d)", f)
+                _check_float(f, f"tdt_features[{t}]")
+                d = self.tdt_features[0].shape[1]
+                _check(f.shape[1] == d, f"tdt_features[{t}]",
+                       f"shape (Q={q}, d={d}) (d as tdt_features[0])", f)
 
     @property
     def num_frames(self) -> int:

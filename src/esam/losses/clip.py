@@ -79,9 +79,15 @@ class ClipConsCriterion(nn.Module):
 
     def forward(self, predictions: Sequence[FramePrediction]) -> dict[str, Tensor]:
         """Pools every sample's rows into one set of negatives. Returns ``loss_clip`` and ``loss``."""
-        fused = [p.fused_global for p in predictions if p.fused_global is not None]
-        clip = [p.clip_global for p in predictions if p.clip_global is not None]
+        # fp32 before the concatenation: CPU autocast cannot concatenate fp16 tensors.
+        fused = [LF.upcast(p.fused_global) for p in predictions if p.fused_global is not None]
+        clip = [LF.upcast(p.clip_global) for p in predictions if p.clip_global is not None]
         if not fused:
             raise ValueError("fused_global / clip_global: the CLIP term needs them, got None")
+        d = fused[0].shape[1]
+        for i, f in enumerate(fused):
+            if f.shape[1] != d:
+                raise ValueError(f"fused_global: expected (M, d={d}) in every sample (as the "
+                                 f"first one), got {tuple(f.shape)} in sample {i}")
         loss = self.loss(torch.cat(fused), torch.cat(clip))
         return {"loss_clip": loss, "loss": loss}

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esam.losses.functional import upcast
+
 __all__ = [
     "CrossFrameCriterion",
     "consistency_loss",
@@ -81,6 +83,7 @@ def mask_iou_targets(
     if not voxel_size > 0:
         raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
     num_a = points_a.shape[0]
+    points_a = upcast(points_a)  # CPU autocast cannot concatenate fp16 tensors
     points = torch.cat([points_a, points_b.to(points_a.dtype)], dim=0)  # (N_a + N_b, 3)
     voxel_coords = torch.floor(points / voxel_size).long()  # (N_a + N_b, 3)
     _, voxel_idx = torch.unique(voxel_coords, dim=0, return_inverse=True)  # (N_a + N_b,)
@@ -327,20 +330,25 @@ class CrossFrameCriterion(nn.Module):
             if tuple(target.shape) != expected:
                 raise ValueError(f"targets[{t}] must have shape {expected}, got {tuple(target.shape)}")
 
-        if num_frames == 1:
-            zero = features[0].sum() * 0.0
-            return {"loss_match": zero, "loss_cons": zero, "loss": zero}
+        # Computed in (at least) fp32 with autocast off, like every other term.
+        with torch.autocast(features[0].device.type, enabled=False):
+            features = [upcast(f) for f in features]
+            match_logits = [upcast(m) for m in match_logits]
+            if num_frames == 1:
+                zero = features[0].sum() * 0.0
+                return {"loss_match": zero, "loss_cons": zero, "loss": zero}
 
-        match_terms = []
-        cons_terms = []
-        for t in range(num_frames - 1):
-            match_terms.append(
-                match_bce_loss(match_logits[t], targets[t], reduction=self.reduction, pos_weight=self.pos_weight)
-            )
-            pairs = targets[t].nonzero() if self.consistency == "matched" else None  # (P, 2)
-            cons_terms.append(consistency_loss(features[t], features[t + 1], pairs=pairs, reduction=self.reduction))
-        loss_match = torch.stack(match_terms).mean()
-        loss_cons = torch.stack(cons_terms).mean()
+            match_terms = []
+            cons_terms = []
+            for t in range(num_frames - 1):
+                match_terms.append(match_bce_loss(match_logits[t], targets[t],
+                                                  reduction=self.reduction,
+                                                  pos_weight=self.pos_weight))
+                pairs = targets[t].nonzero() if self.consistency == "matched" else None  # (P, 2)
+                cons_terms.append(consistency_loss(features[t], features[t + 1], pairs=pairs,
+                                                   reduction=self.reduction))
+            loss_match = torch.stack(match_terms).mean()
+            loss_cons = torch.stack(cons_terms).mean()
         return {
             "loss_match": loss_match,
             "loss_cons": loss_cons,

@@ -104,12 +104,16 @@ class ESAMCriterion(nn.Module):
         return cls(preset(name, **kwargs))
 
     def single_view(self, predictions: Sequence[FramePrediction], targets: Sequence[FrameTarget],
+                    *, check: bool = True,
                     ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
-        """Per-frame terms of B samples: raw terms, weighted ``loss``, and the final assignment."""
+        """Per-frame terms of B samples: raw terms, weighted ``loss``, and the final assignment.
+
+        ``check=False`` skips the NaN/Inf check (`multi_view` checks every frame at once).
+        """
         if isinstance(predictions, FramePrediction) or isinstance(targets, FrameTarget):
             raise ValueError("predictions/targets: expected a sequence of B FramePrediction / "
                              "FrameTarget (one per sample), got a single object")
-        if self.config.check_finite:
+        if self.config.check_finite and check:
             check_finite([t for b, p in enumerate(predictions)
                           for t in prediction_tensors(p, f"predictions[{b}]")])
         w = self.config.loss_weight
@@ -137,6 +141,10 @@ class ESAMCriterion(nn.Module):
             predictions: B `FramePrediction` (single view) or B `SequencePrediction` (MV-Online).
             targets: the matching B `FrameTarget` or `SequenceTarget`.
         """
+        if isinstance(predictions, (FramePrediction, SequencePrediction)) or isinstance(
+                targets, (FrameTarget, SequenceTarget)):
+            raise ValueError("predictions/targets: expected a list of B predictions / targets "
+                             "(one per sample), got a single object")
         if len(predictions) and isinstance(predictions[0], SequencePrediction):
             return self.multi_view(predictions, targets)
         return self.single_view(predictions, targets)[0]
@@ -163,6 +171,8 @@ class ESAMCriterion(nn.Module):
         if self.config.check_finite:
             named = []
             for b, p in enumerate(predictions):
+                for f, fp in enumerate(p.frames):
+                    named += prediction_tensors(fp, f"predictions[{b}].frames[{f}]")
                 named += [(f"predictions[{b}].match_logits[{t}]", m)
                           for t, m in enumerate(p.match_logits or [])]
                 named += [(f"predictions[{b}].tdt_features[{t}]", m)
@@ -172,7 +182,7 @@ class ESAMCriterion(nn.Module):
         indices = []  # [frame][sample] final-layer assignment
         for f in range(v):
             terms, idx = self.single_view([p.frames[f] for p in predictions],
-                                          [t.frames[f] for t in targets])
+                                          [t.frames[f] for t in targets], check=False)
             indices.append(idx)
             for k, val in terms.items():
                 out[k] = out[k] + val if k in out else val
@@ -212,11 +222,10 @@ class ESAMCriterion(nn.Module):
     def _query_global_ids(layer: LayerOutput, target: FrameTarget,
                           idx: tuple[Tensor, Tensor]) -> Tensor:
         """``(Q,)`` global GT id each query is matched to, -1 for unmatched."""
-        if target.global_ids is None:
-            raise ValueError("global_ids: needed (K,) to tie instances across frames; got None")
+        gids = _global_ids(target, "gt_source='instance'", "a frame")
         ids = torch.full((layer.num_queries,), -1, dtype=torch.long,
                          device=layer.cls_logits.device)
-        ids[idx[0]] = target.global_ids[idx[1]].long()
+        ids[idx[0]] = gids[idx[1]]
         return ids
 
     def _cross_frame(self, pred: SequencePrediction, target: SequenceTarget,
@@ -242,12 +251,8 @@ class ESAMCriterion(nn.Module):
             return self._merge_ce(predictions, targets)
         feats, ins_masks = [], []
         for b, (p, t) in enumerate(zip(predictions, targets)):
-            gids = []
-            for f, ft in enumerate(t.frames):
-                if ft.global_ids is None:
-                    raise ValueError(f"global_ids: the merge loss needs (K,) global ids on every "
-                                     f"FrameTarget; sample {b} frame {f} has None")
-                gids.append(ft.global_ids.long())
+            gids = [_global_ids(ft, "the merge loss", f"sample {b} frame {f}")
+                    for f, ft in enumerate(t.frames)]
             order = torch.unique(torch.cat(gids)).tolist()  # the sample's K instances
             feats.append([fp.merge_features for fp in p.frames])
             per_frame = []
@@ -288,10 +293,12 @@ class ESAMCriterion(nn.Module):
     def _merge_ce(self, predictions: Sequence[SequencePrediction],
                   targets: Sequence[SequenceTarget]) -> dict[str, Tensor]:
         losses = []
-        for p, t in zip(predictions, targets):
-            query_ids, k, boxes = self._online_merge(p, t)
+        for b, (p, t) in enumerate(zip(predictions, targets)):
+            gids = [_global_ids(ft, "the merge loss", f"sample {b} frame {f}")
+                    for f, ft in enumerate(t.frames)]
+            with torch.autocast(p.frames[0].final.cls_logits.device.type, enabled=False):
+                query_ids, k, boxes = self._online_merge(p, t)
             # GT global instances of the whole sequence and their boxes over every frame
-            gids = [ft.global_ids.long() for ft in t.frames]
             order = torch.unique(torch.cat(gids))  # (G,)
             point_gt = []
             for ft, g in zip(t.frames, gids):
@@ -300,7 +307,7 @@ class ESAMCriterion(nn.Module):
                 # local instance -> index in order; a -1 slot in front serves "no instance"
                 mapped = torch.cat([local.new_full((1,), -1), torch.searchsorted(order, g)])
                 point_gt.append(mapped[local + 1])
-            points = torch.cat([ft.points for ft in t.frames]).float()
+            points = torch.cat([ft.points.float() for ft in t.frames])
             gt_ids = torch.cat(point_gt)
             gt_boxes = boxes_from_instance_ids(points, gt_ids, len(order))
             target_ids = align_global_ids(boxes.to(points), gt_boxes, gt_ids,
@@ -322,6 +329,19 @@ class ESAMCriterion(nn.Module):
             losses.append(merge_ce_loss(torch.cat(logits)[keep_all], target_ids[keep_all]))
         ce = torch.stack(losses).mean()
         return {"loss_merge": ce, "loss": ce}
+
+
+def _global_ids(target: FrameTarget, purpose: str, where: str) -> Tensor:
+    """``(K,)`` int64 global ids of one frame: given, >= 0 and distinct (one id, one instance)."""
+    g = target.global_ids
+    if g is None:
+        raise ValueError(f"global_ids: {purpose} needs (K,) global ids on every FrameTarget; "
+                         f"{where} has None")
+    g = g.long()
+    if g.numel() and (int(g.min()) < 0 or int(torch.unique(g).numel()) != g.numel()):
+        raise ValueError(f"global_ids: expected K distinct ids >= 0 in a frame, got "
+                         f"{g.tolist()} ({where})")
+    return g
 
 
 def _ids_from_dense(masks: Tensor) -> Tensor:

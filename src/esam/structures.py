@@ -511,6 +511,12 @@ class FrameTarget:
                              "pool it; got None")
         key = ("sp_semantic", ignore_index, num_classes)
         if key not in self._cache:
+            # Pooling would silently read an out-of-range label as unlabeled.
+            bad = (self.semantic != ignore_index) & ((self.semantic < 0)
+                                                     | (self.semantic >= num_classes))
+            if bool(bad.any()):
+                raise ValueError(f"semantic: expected values in [0, {num_classes}) or "
+                                 f"ignore_index={ignore_index}, got {int(self.semantic[bad][0])}")
             self._cache[key] = pool_to_superpoints(
                 self.semantic, self.superpoints, self.num_superpoints, num_classes,
                 ignore_value=ignore_index, mode="plurality")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +75,9 @@ class ESAMCriterion(nn.Module):
         if config is None:
             config = ESAMLossConfig()
         elif isinstance(config, str):
-            config = preset(config) if config in ("seed", "esam") else load_config(config)
+            # A YAML path, else a preset name (a misspelt one gets the closest name suggested).
+            is_path = Path(config).suffix in (".yaml", ".yml", ".json") or Path(config).is_file()
+            config = load_config(config) if is_path else preset(config)
         elif isinstance(config, dict):
             config = config_from_dict(config)
         elif not isinstance(config, ESAMLossConfig):

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from esam.losses.functional import upcast
+
 __all__ = [
     "axis_aligned_box_iou",
     "merge_tmp_infonce",
@@ -102,10 +104,11 @@ class _Packed:
     frames: list[Tensor]  # the given (Q_f, d) merge features of every real frame
     frame_index: list[int]  # position of each real frame on the (B, V) grid
     frame_entries: list[int]  # number of entries of each real frame
-    q_max: int  # Q, the padded number of queries per frame
     member_slot: Tensor  # (E,) slot of every entry
     member_query: Tensor  # (E,) query index of every entry in its frame
-    table: Tensor  # (F, K, M) query index of the i-th member of instance k (padding: 0)
+    member_row: Tensor  # (E,) row of every entry in the (F * E_f, d) padded entry grid
+    max_entries: int  # E_f, the most entries of one frame
+    table: Tensor  # (F, K, M) position, among its frame's entries, of the i-th member of k
     counts: Tensor  # (B, V, K) members per instance and frame
     num_instances: Tensor  # (B,) K_b
     num_frames: list[int]  # V_b per sample
@@ -115,19 +118,12 @@ class _Packed:
     def present(self) -> Tensor:
         return self.counts > 0  # (B, V, K)
 
-    def frame_feats(self) -> Tensor:
-        """``(F, Q, d)`` merge features per frame, zero-padded."""
+    def entry_grid(self, members: Tensor) -> Tensor:
+        """Entry features laid out per frame, ``(E, d)`` -> ``(F, E_f, d)`` (zero padding)."""
         b, v, _ = self.shape
-        if not self.frames:
-            return torch.zeros(b * v, self.q_max, 0)
-        ref = self.frames[0]
-        if len(self.frames) == b * v and all(f.shape[0] == self.q_max for f in self.frames):
-            return torch.stack(self.frames)
-        d = ref.shape[1]
-        rows = torch.cat([torch.arange(f.shape[0], device=ref.device) + i * self.q_max
-                          for i, f in zip(self.frame_index, self.frames)])
-        out = ref.new_zeros(b * v * self.q_max, d).index_copy(0, rows, torch.cat(self.frames))
-        return out.view(b * v, self.q_max, d)
+        grid = members.new_zeros(b * v * self.max_entries, members.shape[1])
+        grid.index_copy_(0, self.member_row, members)
+        return grid.view(b * v, self.max_entries, members.shape[1])
 
     def member_feats(self) -> Tensor:
         """Features of every entry -> ``(E, d)``, gathered frame by frame (small backward)."""
@@ -193,7 +189,7 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
     feats, dest, rows, slots, frame_q = [], [], [], [], []
     for b in range(num_samples):
         for v in range(frames_per_sample[b]):
-            f = merge_feats[b][v]
+            f = upcast(merge_feats[b][v])  # fp32 at least (CPU autocast cannot cat fp16)
             fi = b * v_max + v
             feats.append(f)
             dest.append(fi)
@@ -227,17 +223,20 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
     member_pos = (torch.arange(local.numel(), device=device)
                   - torch.repeat_interleave(starts, lens_t))  # (E,) position in its list
     m = int(lens_t.max()) if lens else 0
+    per_frame = counts.view(n_frames, k_max).sum(1) if k_max else counts.new_zeros(n_frames)
+    entry_pos = (torch.arange(local.numel(), device=device)
+                 - (torch.cumsum(per_frame, 0) - per_frame)[member_frame])  # (E,) within frame
     table = torch.zeros(n_frames * k_max, m, dtype=torch.long, device=device)
-    table[member_slot, member_pos] = local
-    frame_entries = (counts.view(n_frames, k_max).sum(1)[dest_t].tolist() if k_max
-                     else [0] * len(feats))  # entries of each real frame
+    table[member_slot, member_pos] = entry_pos
+    frame_entries = per_frame[dest_t].tolist()  # entries of each real frame
     return _Packed(
         frames=feats,
         frame_index=dest,
         frame_entries=frame_entries,
-        q_max=q_max,
         member_slot=member_slot,
         member_query=local,
+        member_row=member_frame * int(per_frame.max() if per_frame.numel() else 0) + entry_pos,
+        max_entries=int(per_frame.max()) if per_frame.numel() else 0,
         table=table.view(n_frames, k_max, m),
         counts=counts.view(num_samples, v_max, k_max),
         num_instances=torch.tensor(inst_per_sample, dtype=torch.long, device=device),
@@ -325,12 +324,12 @@ def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
     return (ce * w).sum((1, 2, 3))
 
 
-def _query_scores(centres: Tensor, frame_feats: Tensor, tau: float) -> Tensor:
-    """``<query_q, centre_r> / tau`` for every query and instance of a frame -> ``(F, Q, K)``.
+def _row_scores(centres: Tensor, feats: Tensor, tau: float) -> Tensor:
+    """``<feats_j, centre_r> / tau`` for every row and instance of a frame -> ``(F, R, K)``.
 
-    Queries first, so the gradient reaching ``frame_feats`` comes out contiguous.
+    Rows first, so the gradient reaching ``feats`` comes out contiguous.
     """
-    return torch.bmm(frame_feats, centres.transpose(1, 2)) / tau
+    return torch.bmm(feats, centres.transpose(1, 2)) / tau
 
 
 def _rows_ce(logits: Tensor) -> Tensor:
@@ -341,7 +340,7 @@ def _rows_ce(logits: Tensor) -> Tensor:
     return ce.view(nf, m, k)
 
 
-def merge_p2s_infonce_fast(centres: Tensor, frame_feats: Tensor, table: Tensor, counts: Tensor,
+def merge_p2s_infonce_fast(centres: Tensor, feats: Tensor, table: Tensor, counts: Tensor,
                            tau: float = 0.02, *, mask_zero_logits: bool = False) -> Tensor:
     """``_Fast`` point-to-segment InfoNCE, stepping through members in order.
 
@@ -351,9 +350,10 @@ def merge_p2s_infonce_fast(centres: Tensor, frame_feats: Tensor, table: Tensor, 
 
     Args:
         centres: ``(F, K, d)`` element-wise max of each instance's member features.
-        frame_feats: ``(F, Q, d)`` each frame's query features (padded).
-        table: ``(F, K, M)`` query index of the i-th member of instance k (padding: any index
-            in ``[0, Q)``).
+        feats: ``(F, R, d)`` per frame, the feature rows ``table`` points into: the frame's
+            queries, or (as the criteria pass them, to skip non-members) its member entries.
+        table: ``(F, K, M)`` row in ``feats`` of the i-th member of instance k (padding: any
+            row in ``[0, R)``).
         counts: ``(F, K)`` members per instance.
         tau: temperature.
         mask_zero_logits: also treat an exactly-zero logit as absent (released ``_Fast``); the
@@ -364,14 +364,14 @@ def merge_p2s_infonce_fast(centres: Tensor, frame_feats: Tensor, table: Tensor, 
     """
     nf, k = counts.shape
     m = table.shape[-1]
-    if k == 0 or m == 0 or frame_feats.shape[1] == 0:
-        return centres.sum((1, 2)) * 0.0 + frame_feats.sum((1, 2)) * 0.0
-    scores = _query_scores(centres, frame_feats, tau)  # (F, Q, K_r)
+    if k == 0 or m == 0 or feats.shape[1] == 0:
+        return centres.sum((1, 2)) * 0.0 + feats.sum((1, 2)) * 0.0
+    scores = _row_scores(centres, feats, tau)  # (F, R, K_r)
     steps = torch.arange(m, device=counts.device)
     # the i-th member of instance c, or its last one for shorter lists
     pos = torch.minimum(steps.view(1, 1, m), (counts.unsqueeze(-1) - 1).clamp(min=0))  # (F,K_c,M)
-    query = table.gather(2, pos).transpose(1, 2).reshape(nf, m * k, 1)  # (F, M*K_c, 1)
-    logits = scores.gather(1, query.expand(nf, m * k, k)).view(nf, m, k, k)  # (F, M, K_c, K_r)
+    row = table.gather(2, pos).transpose(1, 2).reshape(nf, m * k, 1)  # (F, M*K_c, 1)
+    logits = scores.gather(1, row.expand(nf, m * k, k)).view(nf, m, k, k)  # (F, M, K_c, K_r)
     present = counts > 0  # (F, K)
     num_steps = counts.max(1).values  # (F,) M_f
     row_valid = present.view(nf, 1, k) & (steps.view(1, m, 1) < num_steps.view(nf, 1, 1))
@@ -386,7 +386,7 @@ def merge_p2s_infonce_fast(centres: Tensor, frame_feats: Tensor, table: Tensor, 
     return (ce * w).sum((1, 2))
 
 
-def merge_p2s_infonce_seal(centres: Tensor, frame_feats: Tensor, table: Tensor, counts: Tensor,
+def merge_p2s_infonce_seal(centres: Tensor, feats: Tensor, table: Tensor, counts: Tensor,
                            negatives: Tensor, num_instances: Tensor, tau: float = 0.02) -> Tensor:
     """``_Seal`` point-to-segment InfoNCE with one random negative per other instance.
 
@@ -396,9 +396,10 @@ def merge_p2s_infonce_seal(centres: Tensor, frame_feats: Tensor, table: Tensor, 
 
     Args:
         centres: ``(F, K, d)`` element-wise max of each instance's member features.
-        frame_feats: ``(F, Q, d)`` each frame's query features (padded).
-        table: ``(F, K, M)`` query index of the i-th member of instance k (padding: any index
-            in ``[0, Q)``).
+        feats: ``(F, R, d)`` per frame, the feature rows ``table`` points into: the frame's
+            queries, or (as the criteria pass them, to skip non-members) its member entries.
+        table: ``(F, K, M)`` row in ``feats`` of the i-th member of instance k (padding: any
+            row in ``[0, R)``).
         counts: ``(F, K)`` members per instance.
         negatives: ``(F, K, M, K)`` positions in ``[0, count_c)``; unread entries may hold
             anything in ``[0, M)``.
@@ -410,15 +411,15 @@ def merge_p2s_infonce_seal(centres: Tensor, frame_feats: Tensor, table: Tensor, 
     """
     nf, k = counts.shape
     m = table.shape[-1]
-    if k == 0 or m == 0 or frame_feats.shape[1] == 0:
-        return centres.sum((1, 2)) * 0.0 + frame_feats.sum((1, 2)) * 0.0
-    scores = _query_scores(centres, frame_feats, tau)  # (F, Q, K_r)
+    if k == 0 or m == 0 or feats.shape[1] == 0:
+        return centres.sum((1, 2)) * 0.0 + feats.sum((1, 2)) * 0.0
+    scores = _row_scores(centres, feats, tau)  # (F, R, K_r)
     pos = scores.gather(1, table.transpose(1, 2))  # (F, M, K_r): <centre_r, member_r^(i)>
-    # query of each negative, laid out (F, M, K_c, K_r): table[f, c, negatives[f, r, i, c]]
+    # row of each negative, laid out (F, M, K_c, K_r): table[f, c, negatives[f, r, i, c]]
     flat = (negatives.clamp(0, m - 1).permute(0, 2, 3, 1)
             + m * torch.arange(k, device=counts.device).view(1, 1, k, 1))  # (F, M, K_c, K_r)
-    query = table.reshape(nf, k * m).gather(1, flat.reshape(nf, -1)).view(nf, m * k, k)
-    neg = scores.gather(1, query).view(nf, m, k, k)  # (F, M, K_c, K_r)
+    row = table.reshape(nf, k * m).gather(1, flat.reshape(nf, -1)).view(nf, m * k, k)
+    neg = scores.gather(1, row).view(nf, m, k, k)  # (F, M, K_c, K_r)
     eye = torch.eye(k, dtype=torch.bool, device=counts.device).view(1, 1, k, k)
     logits = torch.where(eye, pos.unsqueeze(2), neg)  # (F, M, K_c, K_r)
     ce = _rows_ce(logits.masked_fill(~eye & ~(counts > 0).view(nf, 1, k, 1), float("-inf")))
@@ -544,25 +545,28 @@ class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
             ins_masks: ``ins_masks[b][v][k]`` 1-D query indices of instance k.
         """
         p = _pack(merge_feats, ins_masks)
-        b, v, k = p.shape
-        members = p.member_feats()  # (E, d)
-        out: dict[str, Tensor] = {}
-        loss = 0.0
-        if self.tmp:
-            centres = _centres(p, members, "mean").view(b, v, k, members.shape[1])  # (B, V, K, d)
-            tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau,
-                                    mask_zero_logits=self.mask_zero_logits).mean()
-            out["loss_merge_tmp"] = tmp
-            loss = loss + self.tmp_weight * tmp
-        if self.p2s:
-            per_frame = merge_p2s_infonce_fast(
-                _centres(p, members, "max"), p.frame_feats(), p.table, p.counts.view(b * v, k),
-                self.p2s_tau, mask_zero_logits=self.mask_zero_logits)  # (F,)
-            p2s = per_frame.view(b, v).sum(1).mean()
-            out["loss_merge_p2s"] = p2s
-            loss = loss + self.p2s_weight * p2s
-        out["loss"] = loss
-        return out
+        with torch.autocast(p.table.device.type, enabled=False):  # fp32 math
+            b, v, k = p.shape
+            members = p.member_feats()  # (E, d)
+            d = members.shape[1]
+            out: dict[str, Tensor] = {}
+            loss = 0.0
+            if self.tmp:
+                centres = _centres(p, members, "mean").view(b, v, k, d)  # (B, V, K, d)
+                tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau,
+                                        mask_zero_logits=self.mask_zero_logits).mean()
+                out["loss_merge_tmp"] = tmp
+                loss = loss + self.tmp_weight * tmp
+            if self.p2s:
+                per_frame = merge_p2s_infonce_fast(
+                    _centres(p, members, "max"), p.entry_grid(members), p.table,
+                    p.counts.view(b * v, k), self.p2s_tau,
+                    mask_zero_logits=self.mask_zero_logits)  # (F,)
+                p2s = per_frame.view(b, v).sum(1).mean()
+                out["loss_merge_p2s"] = p2s
+                loss = loss + self.p2s_weight * p2s
+            out["loss"] = loss
+            return out
 
 
 class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
@@ -609,23 +613,23 @@ class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
             generator: generator for the draw when ``negatives`` is None.
         """
         p = _pack(merge_feats, ins_masks)
-        b, v, k = p.shape
-        members = p.member_feats()  # (E, d)
-        centres = _centres(p, members, "mean").view(b, v, k, members.shape[1])  # (B, V, K, d)
-        tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau, normalize_by="instances",
-                                num_instances=p.num_instances).mean()
-        counts = p.counts.view(b * v, k)
-        if negatives is not None:
-            neg = _pack_negatives(negatives, p)
-        else:
-            neg = _draw_negatives(counts, p.table.shape[-1], generator)
-        per_frame = merge_p2s_infonce_seal(_centres(p, members, "max"), p.frame_feats(), p.table,
-                                           counts, neg,
-                                           p.num_instances.repeat_interleave(v),
-                                           self.p2s_tau)  # (F,)
-        p2s = per_frame.view(b, v).sum(1).mean()
-        loss = self.tmp_weight * tmp + self.p2s_weight * p2s
-        return {"loss_merge_tmp": tmp, "loss_merge_p2s": p2s, "loss": loss}
+        with torch.autocast(p.table.device.type, enabled=False):  # fp32 math
+            b, v, k = p.shape
+            members = p.member_feats()  # (E, d)
+            centres = _centres(p, members, "mean").view(b, v, k, members.shape[1])  # (B,V,K,d)
+            tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau, normalize_by="instances",
+                                    num_instances=p.num_instances).mean()
+            counts = p.counts.view(b * v, k)
+            if negatives is not None:
+                neg = _pack_negatives(negatives, p)
+            else:
+                neg = _draw_negatives(counts, p.table.shape[-1], generator)
+            per_frame = merge_p2s_infonce_seal(
+                _centres(p, members, "max"), p.entry_grid(members), p.table, counts, neg,
+                p.num_instances.repeat_interleave(v), self.p2s_tau)  # (F,)
+            p2s = per_frame.view(b, v).sum(1).mean()
+            loss = self.tmp_weight * tmp + self.p2s_weight * p2s
+            return {"loss_merge_tmp": tmp, "loss_merge_p2s": p2s, "loss": loss}
 
 
 # --------------------------------------------------------------------------------------------
@@ -786,7 +790,7 @@ class MergeCECriterion(nn.Module):
         for logits, qid, gt, k in zip(mask_logits, query_global_ids, global_id_gt, num_global):
             if k is None:
                 k = max(int(qid.max()) if qid.numel() else 0, int(gt.max()) if gt.numel() else 0)
-            point_logits = global_point_logits(logits, qid, k, self.background_logit,
+            point_logits = global_point_logits(upcast(logits), qid, k, self.background_logit,
                                                empty_logit=self.empty_logit)
             losses.append(merge_ce_loss(point_logits, gt))
         ce = torch.stack(losses).mean()

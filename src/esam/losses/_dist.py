@@ -11,14 +11,18 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_mean_count(count: Tensor | float, device: torch.device) -> Tensor:
+def global_mean_count(count: Tensor | float, device: torch.device,
+                      minimum: float = 1.0) -> Tensor:
     """``max(global count, 1) / world_size`` (DETR's ``num_boxes``, clamped before dividing).
 
     Dividing a rank's local sum by this makes DDP's gradient average equal to the global
     ``sum / max(global count, 1)``. Without a process group it is ``max(count, 1)``.
+    ``minimum`` replaces the clamp value 1 (e.g. for a sum of class weights).
     """
-    c = torch.as_tensor(count, dtype=torch.float32, device=device).clone()
+    c = torch.as_tensor(count, device=device).clone()
+    if not c.is_floating_point():
+        c = c.float()
     if not is_distributed():
-        return c.clamp(min=1.0)
+        return c.clamp(min=minimum)
     dist.all_reduce(c)
-    return c.clamp(min=1.0) / dist.get_world_size()
+    return c.clamp(min=minimum) / dist.get_world_size()

@@ -210,8 +210,9 @@ class InstanceCriterion(nn.Module):
         if w.cls != 0:
             wce = per_sample(p.ce * p.ce_weight, p.query_sample)  # (B,)
             ws = per_sample(p.ce_weight, p.query_sample)
-            if self.normalization == "matched":
-                out["cls"] = wce.sum() / ws.sum().clamp(min=1e-12)
+            if self.normalization == "matched":  # weighted mean over the global batch's queries
+                out["cls"] = wce.sum() / global_mean_count(ws.sum().detach(), anchor.device,
+                                                           minimum=1e-12)
             else:
                 out["cls"] = (wce / ws.clamp(min=1e-12)).mean()
 

@@ -349,6 +349,8 @@ def _global_ids(target: FrameTarget, purpose: str, where: str) -> Tensor:
 
 def _ids_from_dense(masks: Tensor) -> Tensor:
     """``(K, N)`` bool -> ``(N,)`` index of the first instance covering each point, else -1."""
+    if masks.shape[0] == 0:  # argmax over zero instances is an error
+        return torch.full((masks.shape[1],), -1, dtype=torch.long, device=masks.device)
     covered = masks.any(0)
     return torch.where(covered, masks.float().argmax(0), torch.full_like(covered, -1,
                                                                           dtype=torch.long))

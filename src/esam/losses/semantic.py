@@ -72,7 +72,8 @@ class ScanNetSemanticCriterion(nn.Module):
                 raise ValueError(f"semantic_logits: needed for the semantic loss, got None "
                                  f"(sample {i})")
             y = t.semantic_targets(p.semantic_level, self.ignore_index, self.num_classes)
-            anchor = p.semantic_logits.sum() * 0.0 if anchor is None else anchor
+            # fp32 like the loss: a half anchor would make an all-unlabeled batch half
+            anchor = LF.upcast(p.semantic_logits).sum() * 0.0 if anchor is None else anchor
             if bool((y != self.ignore_index).any()):
                 losses.append(self.sample_loss(p.semantic_logits, y))
             else:

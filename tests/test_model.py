@@ -28,9 +28,11 @@ from esam.models.reference import (
     ReferenceModelConfig,
     frame_target,
     prepare_frame,
+    with_query_masks,
 )
 from esam.structures import FramePrediction, LayerOutput, SequencePrediction, SequenceTarget
-from esam.training import sequence_losses, with_query_masks
+from esam.structures import FrameTarget
+from esam.training import sequence_losses
 
 TINY = dict(point_dim=16, d_model=16, num_heads=2, ffn_dim=32, num_queries=8, merge_dim=8,
             clip_dim=8, clip_grid=2, voxel_sizes=(0.2,))
@@ -333,12 +335,18 @@ def test_frame_without_instances_keeps_losses_finite(scene):
     losses["loss"].backward()
 
 
-def test_with_query_masks_equals_frame_target(scene):
+def test_with_query_masks_shares_the_target(scene):
     frame = scene.frames[1]
-    seeds = torch.tensor([1, 4, 4, 0])
     base = frame_target(frame, scene.instance_labels)
-    assert torch.equal(with_query_masks(base, seeds).query_masks,
-                       frame_target(frame, scene.instance_labels, seeds).query_masks)
+    assert base.query_masks is None
+    base.superpoint_masks()  # fill the cache once
+    seeded = with_query_masks(base, torch.tensor([1, 4, 4, 0]))
+    assert seeded.query_masks.shape == (base.num_instances, 4)
+    assert seeded.instance_ids is base.instance_ids and seeded._cache is base._cache
+    assert torch.equal(seeded.query_masks[:, 1], seeded.query_masks[:, 2])  # same seed
+    bare = FrameTarget(labels=base.labels, instance_ids=base.instance_ids)
+    with pytest.raises(ValueError, match="sp_instance_ids"):
+        with_query_masks(bare, torch.tensor([0]))
 
 
 def test_forward_rejects_bad_inputs(scene):

@@ -42,6 +42,7 @@ from esam.models.reference import (
     ReferenceModelConfig,
     frame_target,
     prepare_frame,
+    with_query_masks,
 )
 from esam.structures import FrameTarget, SequencePrediction, SequenceTarget
 
@@ -61,7 +62,6 @@ __all__ = [
     "render_prediction",
     "json_ready",
     "window_starts",
-    "with_query_masks",
     "thing_classes_of",
 ]
 
@@ -229,15 +229,6 @@ def window_starts(scene: PreparedScene, length: int) -> list[int]:
     v = min(length, scene.num_frames)
     has = torch.tensor([t.num_instances > 0 for t in scene.targets])
     return [s for s in range(scene.num_frames - v + 1) if bool(has[s:s + v].any())]
-
-
-def with_query_masks(target: FrameTarget, seeds: Tensor) -> FrameTarget:
-    """The target with ``query_masks (K, Q)``: query j may match instance k iff its seed
-    superpoint belongs to k. The superpoint-mask cache is shared with ``target``."""
-    k = target.num_instances
-    arange = torch.arange(k, device=seeds.device)
-    qm = target.sp_instance_ids[seeds].unsqueeze(0) == arange.unsqueeze(1)  # (K, Q)
-    return dataclasses.replace(target, query_masks=qm)
 
 
 def load_data(cfg: DataConfig) -> tuple[list[SceneSequence], list[SceneSequence]]:

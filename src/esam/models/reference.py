@@ -30,6 +30,7 @@ of the sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -68,6 +69,7 @@ __all__ = [
     "ESAMReferenceModel",
     "prepare_frame",
     "frame_target",
+    "with_query_masks",
 ]
 
 
@@ -267,16 +269,23 @@ def frame_target(frame: FrameData, instance_labels: Tensor, seeds: Tensor | None
     sp = frame.superpoints.long()
     s = frame.num_superpoints
     sp_ids = pool_to_superpoints(instance_ids, sp, s, k, ignore_value=-1, mode="majority")  # (S,)
-    query_masks = None
-    if seeds is not None:
-        arange = torch.arange(k, device=sp_ids.device)
-        query_masks = sp_ids[seeds.long()].unsqueeze(0) == arange.unsqueeze(1)  # (K, Q)
-    return FrameTarget(
+    target = FrameTarget(
         labels=labels, instance_ids=instance_ids, superpoints=sp, sp_instance_ids=sp_ids,
         semantic=frame.semantic.long(),
         boxes=boxes_from_instance_ids(frame.points.float(), instance_ids, k),
-        query_masks=query_masks, global_ids=global_ids, points=frame.points.float(),
-        num_superpoints=s)
+        global_ids=global_ids, points=frame.points.float(), num_superpoints=s)
+    return target if seeds is None else with_query_masks(target, seeds)
+
+
+def with_query_masks(target: FrameTarget, seeds: Tensor) -> FrameTarget:
+    """The target with ``query_masks (K, Q)`` for queries seeded at ``seeds (Q,)``: query j may
+    match instance k iff its seed superpoint belongs to k (``target.sp_instance_ids``). The
+    targets share their tensors and their cache of superpoint-level masks."""
+    if target.sp_instance_ids is None:
+        raise ValueError("target.sp_instance_ids: needed (S,) to build query masks; got None")
+    arange = torch.arange(target.num_instances, device=seeds.device)
+    qm = target.sp_instance_ids[seeds.long()].unsqueeze(0) == arange.unsqueeze(1)  # (K, Q)
+    return dataclasses.replace(target, query_masks=qm)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -89,3 +89,19 @@ def test_clip_term_present_with_its_inputs():
     cfg.loss_weight.sem = 0.0
     out = ESAMCriterion(cfg)(preds, targets)
     assert torch.isfinite(out["loss_clip"])
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"loss_weight": 3}, "loss_weight"),
+    ({"num_semantic_classes": "20"}, "num_semantic_classes"),
+    ({"num_semantic_classes": 2.5}, "num_semantic_classes"),
+    ({"iter_matcher": "yes"}, "iter_matcher"),
+    ({"cross_frame": {"iou_threshold": 2}}, "cross_frame.iou_threshold"),
+    ({"ignore_index": "x"}, "ignore_index"),
+    ({"loss_weight": {"sem": float("nan")}}, "loss_weight.sem"),
+    ({"matcher": {"costs": {"cls": float("inf")}}}, "matcher.costs.cls"),
+    ({"cross_frame": {"pos_weight": 0}}, "cross_frame.pos_weight"),
+])
+def test_wrong_types_and_ranges_name_the_field(data, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_from_dict(data)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -158,33 +160,77 @@ def _check_literal(path: str, value: Any, tp: Any) -> None:
                             if isinstance(value, str) else ""))
 
 
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    """Check one value against its annotation (bool, int, float, str, dict, dataclass)."""
+    if get_origin(tp) is Literal:
+        _check_literal(name, value, tp)
+        return
+    kinds = {bool: "a bool", int: "an integer", float: "a number", str: "a string",
+             dict: "a mapping"}
+    base = get_origin(tp) or tp
+    ok = True
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    elif base in (str, dict):
+        ok = isinstance(value, base)
+    elif dataclasses.is_dataclass(base):
+        ok = isinstance(value, base)
+        kinds[base] = f"a {base.__name__} (or a mapping of its fields)"
+    if not ok:
+        raise ValueError(f"{name}: expected {kinds.get(base, base)}, got {value!r}")
+
+
 def validate_config(cfg: Any, path: str = "") -> None:
-    """Literal choices and numeric ranges; raises ValueError naming the field."""
+    """Types, literal choices and numeric ranges; raises ValueError naming the field."""
     hints = get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         tp = hints[f.name]
         name = f"{path}{f.name}"
-        options = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) is Union else [tp]
-        if value is None and type(None) in get_args(tp):
-            continue
-        for opt in options:
-            _check_literal(name, value, opt)
-        if isinstance(value, float | int) and not isinstance(value, bool):
-            if f.name in ("temperature", "clip_temperature", "voxel_size") and value <= 0:
-                raise ValueError(f"{name}: expected > 0, got {value}")
+        if get_origin(tp) is Union or isinstance(tp, types.UnionType):
+            args = get_args(tp)
+            if value is None and type(None) in args:
+                continue
+            options = [a for a in args if a is not type(None)]
+            errors = []
+            for opt in options:
+                try:
+                    _check_type(name, value, opt)
+                    break
+                except ValueError as e:
+                    errors.append(str(e))
+            else:
+                msg = errors[0]
+                if type(None) in args:
+                    msg = msg.replace(", got", " or None, got", 1)
+                raise ValueError(msg)
+        else:
+            _check_type(name, value, tp)
+        if f.name in ("temperature", "clip_temperature", "voxel_size", "pos_weight") and \
+                value is not None and value <= 0:
+            raise ValueError(f"{name}: expected > 0, got {value}")
+        if f.name in ("iou_threshold", "align_iou_threshold", "score_iou_threshold") and \
+                value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
     if isinstance(cfg, LossWeights):
         for f in dataclasses.fields(cfg):
             v = getattr(cfg, f.name)
-            if not isinstance(v, int | float) or v < 0:
+            if v < 0:
                 raise ValueError(f"{path}{f.name}: expected a weight >= 0, got {v!r}")
     if isinstance(cfg, MatcherConfig):
         for k, v in cfg.costs.items():
             if k not in ("cls", "bce", "dice"):
                 raise ValueError(f"{path}costs.{k}: unknown cost; expected 'cls', 'bce' or 'dice'"
                                  + _suggest(k, ("cls", "bce", "dice")))
-            if not isinstance(v, int | float) or v < 0:
-                raise ValueError(f"{path}costs.{k}: expected a weight >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"{path}costs.{k}: expected a finite weight >= 0, got {v!r}")
         if cfg.topk < 1:
             raise ValueError(f"{path}topk: expected >= 1, got {cfg.topk}")
     if isinstance(cfg, ESAMLossConfig):
@@ -206,8 +252,12 @@ def _build(cls: type, data: dict, path: str) -> Any:
         if key not in names:
             raise ValueError(f"{path}{key}: unknown config key" + _suggest(key, names))
         tp = hints[key]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = _build(tp, value, f"{path}{key}.")
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict | tp):
+                raise ValueError(f"{path}{key}: expected a mapping of {tp.__name__} fields, got "
+                                 f"{value!r}")
+            if isinstance(value, dict):
+                value = _build(tp, value, f"{path}{key}.")
         elif tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         kwargs[key] = value

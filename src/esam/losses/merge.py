@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from esam.losses import functional as LF
+
 from esam.losses.functional import upcast
 
 __all__ = [
@@ -79,14 +81,11 @@ def axis_aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-12) -> 
         if b.dim() != 2 or b.shape[1] != 6:
             raise ValueError(f"{name}: expected shape (A, 6) boxes (cx, cy, cz, dx, dy, dz), "
                              f"got {tuple(b.shape)}")
-    lo1, hi1 = boxes1[:, :3] - boxes1[:, 3:] / 2, boxes1[:, :3] + boxes1[:, 3:] / 2  # (A, 3)
-    lo2, hi2 = boxes2[:, :3] - boxes2[:, 3:] / 2, boxes2[:, :3] + boxes2[:, 3:] / 2  # (B, 3)
-    side = (torch.minimum(hi1[:, None], hi2[None]) - torch.maximum(lo1[:, None], lo2[None]))
-    inter = side.clamp(min=0).prod(-1)  # (A, B)
-    vol1 = boxes1[:, 3:].clamp(min=0).prod(-1)  # (A,)
-    vol2 = boxes2[:, 3:].clamp(min=0).prod(-1)  # (B,)
-    union = vol1[:, None] + vol2[None] - inter  # (A, B)
-    return inter / union.clamp(min=eps)
+    # the shared formula, with negative sizes read as empty boxes
+    def clamp_sizes(b: Tensor) -> Tensor:
+        return torch.cat([b[:, :3], b[:, 3:].clamp(min=0)], 1)
+
+    return LF.axis_aligned_box_iou(clamp_sizes(boxes1), clamp_sizes(boxes2), eps=eps)  # (A, B)
 
 
 # --------------------------------------------------------------------------------------------

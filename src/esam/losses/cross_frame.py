@@ -86,7 +86,15 @@ def mask_iou_targets(
     points_a = upcast(points_a)  # CPU autocast cannot concatenate fp16 tensors
     points = torch.cat([points_a, points_b.to(points_a.dtype)], dim=0)  # (N_a + N_b, 3)
     voxel_coords = torch.floor(points / voxel_size).long()  # (N_a + N_b, 3)
-    _, voxel_idx = torch.unique(voxel_coords, dim=0, return_inverse=True)  # (N_a + N_b,)
+    # One integer key per voxel (a 1-D unique is far faster than unique over rows).
+    lo = voxel_coords.amin(0) if voxel_coords.numel() else voxel_coords.new_zeros(3)
+    rel = voxel_coords - lo  # (N_a + N_b, 3), >= 0
+    span = rel.amax(0) + 1 if rel.numel() else rel.new_ones(3)
+    if float(span.double().prod()) < 2.0 ** 62:
+        key = (rel[:, 0] * span[1] + rel[:, 1]) * span[2] + rel[:, 2]  # (N_a + N_b,)
+        _, voxel_idx = torch.unique(key, return_inverse=True)  # (N_a + N_b,)
+    else:  # a grid too large for one int64 key
+        _, voxel_idx = torch.unique(voxel_coords, dim=0, return_inverse=True)
     num_voxels = int(voxel_idx.max()) + 1 if voxel_idx.numel() > 0 else 0
 
     def occupancy(mask_logits: Tensor, idx: Tensor) -> Tensor:

@@ -3,6 +3,9 @@
 from esam.losses import functional
 from esam.losses.clip import ClipConsCriterion
 from esam.losses.criterion import ESAMCriterion
+from esam.losses.cross_frame import CrossFrameCriterion
+from esam.losses.merge import (MergeCECriterion, ScanNetMergeCriterion_Fast,
+                               ScanNetMergeCriterion_Seal)
 from esam.losses.instance import InstanceCriterion, InstanceWeights, MixedInstanceCriterion
 from esam.losses.matcher import (
     HungarianMatcher,
@@ -16,6 +19,10 @@ from esam.losses.semantic import ScanNetSemanticCriterion
 __all__ = [
     "functional",
     "ClipConsCriterion",
+    "CrossFrameCriterion",
+    "MergeCECriterion",
+    "ScanNetMergeCriterion_Fast",
+    "ScanNetMergeCriterion_Seal",
     "ESAMCriterion",
     "InstanceCriterion",
     "InstanceWeights",

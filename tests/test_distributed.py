@@ -56,20 +56,48 @@ def _leaves(p):
     return ts
 
 
-def _run(rank, init_file, out_dir):
+def _sequence_config():
+    cfg = seed_preset(num_semantic_classes=5, num_instance_classes=1)
+    cfg.normalization = "matched"
+    cfg.merge.type = "fast"
+    cfg.box_loss = None
+    return cfg
+
+
+def _sequences():
+    sys.path.insert(0, str(HERE))
+    from test_multiview import make_sequence
+
+    pairs = [make_sequence(seed=10 + i, present=[[0, 1, 2], [1, 2, 3], [0, 3]]) for i in range(4)]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def _sequence_leaves(p):
+    ts = list(p.match_logits) + list(p.tdt_features)
+    for f in p.frames:
+        ts += [f.merge_features] + [l.mask_logits for l in f.layers] + \
+            [l.cls_logits for l in f.layers]
+    return ts
+
+
+def _run(rank, init_file, out_dir, kind="frames"):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        preds, targets = _batch()
+        if kind == "frames":
+            preds, targets = _batch()
+            crit, leaves = ESAMCriterion(_config()), _leaves
+        else:
+            preds, targets = _sequences()
+            crit, leaves = ESAMCriterion(_sequence_config()), _sequence_leaves
         half = len(preds) // WORLD
         mine = slice(rank * half, (rank + 1) * half)
-        crit = ESAMCriterion(_config())
         crit.semantic = None
         out = crit(preds[mine], targets[mine])
         out["loss"].backward()
         grads = [t.grad.clone() if t.grad is not None else torch.zeros_like(t)
-                 for p in preds[mine] for t in _leaves(p)]
+                 for p in preds[mine] for t in leaves(p)]
         torch.save({"terms": {k: v.detach() for k, v in out.items()}, "grads": grads},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -96,3 +124,25 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_ranks_equal_one_process_on_sequences(tmp_path):
+    # per-frame terms, the cross-frame loss and the contrastive merge loss over B sequences
+    mp.start_processes(_run, args=(str(tmp_path / "init"), str(tmp_path), "sequences"),
+                       nprocs=WORLD, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    preds, targets = _sequences()
+    crit = ESAMCriterion(_sequence_config())
+    crit.semantic = None
+    single = crit(preds, targets)
+    single["loss"].backward()
+    assert {"loss_match", "loss_cons", "loss_merge_tmp", "loss_merge_p2s"} <= single.keys()
+    for name, value in single.items():
+        mean = sum(r["terms"][name] for r in ranks) / WORLD
+        assert mean.item() == pytest.approx(value.item(), rel=1e-5), name
+    expected = [t.grad if t.grad is not None else torch.zeros_like(t)
+                for p in preds for t in _sequence_leaves(p)]
+    got = [g / WORLD for r in ranks for g in r["grads"]]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

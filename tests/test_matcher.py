@@ -105,3 +105,22 @@ def test_matcher_shape_errors():
         m([cls], [masks], [labels[:1]], [gt])
     with pytest.raises(ValueError, match="costs"):
         HungarianMatcher([])
+
+
+def test_sparse_matcher_skips_uncontested_rows_without_changing_the_result():
+    q, k = 16, 5
+    cls, masks, labels, gt = _sample(q, k, seed=9)
+    qm = torch.zeros(k, q, dtype=torch.bool)
+    qm[0, [0, 1, 2]] = True  # contested
+    qm[1, 3] = True  # a single candidate: matched without a cost
+    qm[2, [4, 5]] = True  # contested for topk=1, not for topk=2
+    qm[4, [1, 6]] = True  # shares query 1 with instance 0
+    for topk in (1, 2):
+        m = SparseMatcher(_costs(), topk=topk)
+        got = m([cls], [masks], [labels], [gt], [qm])[0]
+        # the same matcher forced to cost every row (all instances contested)
+        cost = _total_cost(cls, masks, labels, gt).masked_fill(~qm.T, float("inf"))
+        kth = torch.topk(cost, topk + 1, dim=0, largest=False).values[-1:]
+        ref = torch.argwhere(cost < kth)
+        assert torch.equal(got[0], ref[:, 0]) and torch.equal(got[1], ref[:, 1])
+    assert (3, 1) in set(zip(got[0].tolist(), got[1].tolist()))

@@ -199,7 +199,9 @@ class SparseMatcher(_Matcher):
     query's seed superpoint lies in the instance). A query may match several instances. An
     instance keeps the queries whose cost is strictly below its (topk+1)-th smallest cost, as the
     released code does (ties at that boundary drop both). With ``Q <= topk`` every allowed query
-    matches (the released code matches nothing there).
+    matches (the released code matches nothing there). Costs are computed only for the queries
+    allowed for an instance with more than ``topk`` candidates; the others cannot change the
+    result.
 
     Args:
         costs: weighted cost terms, summed.
@@ -235,8 +237,19 @@ class SparseMatcher(_Matcher):
                 empty = torch.empty(0, dtype=torch.long, device=l.device)
                 out.append((empty, empty.clone()))
                 continue
-            cost = self._cost(c, m, l, g)  # (Q, K)
-            cost = cost.masked_fill(~qm.T.bool(), float("inf"))
+            allowed = qm.T.bool()  # (Q, K)
+            # Only rows competing for a contested instance (more than topk allowed queries)
+            # need a cost: an instance with at most topk candidates takes them all anyway.
+            contested = allowed.sum(0) > self.topk  # (K,)
+            rows = allowed[:, contested].any(1)  # (Q,)
+            if bool(rows.all()):
+                cost = self._cost(c, m, l, g)  # (Q, K)
+            else:
+                cost = c.new_zeros(q, k, dtype=torch.promote_types(c.dtype, torch.float32))
+                r = rows.nonzero().flatten()
+                if r.numel():
+                    cost[r] = self._cost(c[r], m[r], l, g)
+            cost = cost.masked_fill(~allowed, float("inf"))
             if q <= self.topk:
                 keep = torch.isfinite(cost)
             else:

@@ -14,6 +14,8 @@ import importlib
 import json
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--resume", help="checkpoint to continue from (e.g. runs/default/last.pt)")
+    p.add_argument("--resume", help="checkpoint to continue from (e.g. runs/default/last.pt); "
+                                    "SIGINT / SIGTERM save one after the current step")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or a non-learned baseline",
@@ -117,6 +120,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with logging_redirect_tqdm():
         metrics = train(cfg)
+    if metrics.get("interrupted") is not None:
+        # 128 + the signal number, as if the signal had ended the process (130, 143)
+        name = metrics["interrupted"]
+        code = 128 + signal.Signals[name].value if name in ("SIGINT", "SIGTERM") else 1
+        print(f"interrupted ({name}) at step {metrics['timings']['steps']}; continue with "
+              f"--resume {Path(cfg.out) / 'last.pt'}", file=sys.stderr)
+        return code
+    if metrics.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     final = metrics.get("final")
     print(f"run folder: {cfg.out}")
     t = metrics["timings"]

@@ -15,11 +15,14 @@ Shape vocabulary: B samples, V frames, N points, S superpoints, Q queries, K ins
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from esam.checkpoint import CheckpointError, restore_state, save_checkpoint
+from esam.checkpoint import load_checkpoint as read_checkpoint
 from esam.config import ESAMLossConfig, config_from_dict, config_to_dict
 from esam.data import SceneSequence, SyntheticSceneConfig, train_val_split
 from esam.evaluation import SemanticMeter, evaluate_instances
@@ -59,6 +65,8 @@ __all__ = [
     "evaluate_model",
     "evaluate_baseline",
     "load_checkpoint",
+    "CheckpointError",
+    "epoch_order",
     "render_prediction",
     "json_ready",
     "window_starts",
@@ -466,12 +474,19 @@ def _short(key: str) -> str:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
                     ) -> tuple[ESAMReferenceModel, dict]:
-    """The model of a checkpoint (in eval mode) and the checkpoint dict."""
-    ckpt = torch.load(Path(path), map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not an esam checkpoint (expected keys 'model', 'model_config')")
-    model = ESAMReferenceModel(ReferenceModelConfig.from_dict(ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    """The model of a checkpoint (in eval mode) and the checkpoint dict.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) naming the file: missing, truncated, corrupt, not an
+            esam checkpoint, or weights that do not fit the model of its ``model_config``.
+    """
+    ckpt = read_checkpoint(path, map_location=device, required=("model", "model_config"))
+    try:
+        model_cfg = ReferenceModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model_config ({e})") from e
+    model = ESAMReferenceModel(model_cfg).to(device)
+    restore_state(ckpt, {"model": model}, path)
     model.eval()
     return model, ckpt
 
@@ -514,83 +529,286 @@ def _load_run_data(cfg: RunConfig, device: torch.device) -> _RunData:
                     thing_classes=things, class_names=list(train_scenes[0].class_names))
 
 
-def _sample_batch(model: ESAMReferenceModel, data: _RunData, batch: list[int], window: int,
-                  generator: torch.Generator
-                  ) -> tuple[list[SequencePrediction], list[SequenceTarget]]:
-    """A random V-frame window of every scene of the batch, run through the model."""
-    preds, targets = [], []
-    for i in batch:
+def _stream_seed(*key: int) -> int:
+    """A 63-bit seed that is a fixed function of ``key`` (not of the process or its history)."""
+    digest = hashlib.sha256(repr(tuple(int(k) for k in key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def epoch_order(num_scenes: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> list[tuple[int, int]]:
+    """The training samples one process visits in ``epoch``: ``(position, scene index)`` pairs.
+
+    Every process draws the same permutation of the scenes (a function of ``seed`` and
+    ``epoch``, like `DistributedSampler.set_epoch`), wraps it around to a multiple of
+    ``world_size`` and takes every ``world_size``-th entry from ``rank``. ``position`` is the
+    index in that padded permutation: consecutive local batches of b samples of the ranks form
+    the global batch of ``b * world_size`` consecutive positions, and a sample's random draws
+    are a function of (seed, epoch, position), so they do not depend on the world size.
+    """
+    if num_scenes < 1:
+        raise ValueError(f"num_scenes: expected >= 1, got {num_scenes}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected in [0, world_size={world_size}), got {rank}")
+    g = torch.Generator().manual_seed(_stream_seed(seed, epoch))
+    order = torch.randperm(num_scenes, generator=g).tolist()
+    total = -(-num_scenes // world_size) * world_size
+    padded = (order * -(-total // num_scenes))[:total]
+    return [(p, padded[p]) for p in range(rank, total, world_size)]
+
+
+class _BatchLoss(torch.nn.Module):
+    """B sequences through the model and the objective in one call -> (total, detached terms).
+
+    The unit `DistributedDataParallel` wraps: its output is the total loss alone, so the
+    parameters that do not reach it (the merge head under the "seed" preset's CE merge loss)
+    are found unused instead of awaited.
+    """
+
+    def __init__(self, model: ESAMReferenceModel, criterion: ESAMCriterion):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, frames: list[list[FrameInput]], seeds: list[list[Tensor]],
+                targets: list[SequenceTarget]) -> tuple[Tensor, dict[str, Tensor]]:
+        preds = [self.model(f, s)[0] for f, s in zip(frames, seeds)]
+        losses = sequence_losses(self.criterion, preds, targets)
+        return losses["loss"], {k: v.detach() for k, v in losses.items()}
+
+
+def _sample_batch(model: ESAMReferenceModel, data: _RunData, batch: list[tuple[int, int]],
+                  window: int, seed: int, epoch: int
+                  ) -> tuple[list[list[FrameInput]], list[list[Tensor]], list[SequenceTarget]]:
+    """A random V-frame window of every ``(position, scene)`` of the batch: its frames, query
+    seeds and targets.
+
+    The window and the query seeds of a sample come from a generator seeded by (seed, epoch,
+    position): the same on resume and whichever process draws it.
+    """
+    frames, seeds, targets = [], [], []
+    for position, i in batch:
+        g = torch.Generator().manual_seed(_stream_seed(seed, epoch, position))
         ps = data.train[i]
         v = min(window, ps.num_frames)
-        first = data.starts[i][int(torch.randint(0, len(data.starts[i]), (), generator=generator))]
-        frames = range(first, first + v)
-        seeds = [model.sample_seeds(ps.inputs[t], generator=generator) for t in frames]
-        preds.append(model([ps.inputs[t] for t in frames], seeds)[0])
+        first = data.starts[i][int(torch.randint(0, len(data.starts[i]), (), generator=g))]
+        idx = range(first, first + v)
+        frames.append([ps.inputs[t] for t in idx])
+        seeds.append([model.sample_seeds(ps.inputs[t], generator=g) for t in idx])
         targets.append(SequenceTarget(
-            [with_query_masks(ps.targets[t], s) for t, s in zip(frames, seeds)]))
-    return preds, targets
+            [with_query_masks(ps.targets[t], s) for t, s in zip(idx, seeds[-1])]))
+    return frames, seeds, targets
 
 
-def _train_epoch(model: ESAMReferenceModel, criterion: ESAMCriterion, optimizer, scheduler,
-                 generator: torch.Generator, data: _RunData, cfg: RunConfig, epoch: int,
-                 step: int) -> tuple[dict[str, float], int]:
-    """One pass over the training scenes -> (mean of every loss term, steps taken)."""
+@dataclass
+class _EpochState:
+    """Where a run stands inside an epoch (saved in checkpoints, to resume mid-epoch)."""
+
+    batches_done: int = 0
+    sums: dict[str, float] = field(default_factory=dict)  # per loss term, over the done batches
+    seconds: float = 0.0
+
+
+@dataclass
+class _Ranks:
+    """This process in the process group (world size 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _mean_over_ranks(values: dict[str, float], flag: bool, ranks: _Ranks,
+                     device: torch.device) -> tuple[dict[str, float], bool]:
+    """Loss values averaged over the processes, and whether any process raised ``flag``."""
+    if ranks.world_size == 1:
+        return values, flag
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys] + [float(flag)], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t)
+    return ({k: float(v) / ranks.world_size for k, v in zip(keys, t[:-1].tolist())},
+            bool(t[-1] > 0))
+
+
+def _train_epoch(forward: torch.nn.Module, model: ESAMReferenceModel, optimizer, scheduler, data: _RunData, cfg: RunConfig, epoch: int, step: int,
+                 part: _EpochState, ranks: _Ranks, device: torch.device,
+                 stop_requested: Callable[[], bool], step_losses: list[float],
+                 on_step: Callable[[int, dict[str, float]], bool | None] | None
+                 ) -> tuple[int, bool, bool]:
+    """The rest of one pass over the training scenes, from batch ``part.batches_done``.
+
+    Updates ``part`` and ``step_losses`` in place. Returns (step, whether the epoch finished,
+    whether a stop was requested): it stops after a whole step when ``stop_requested()`` on
+    any process or ``on_step`` says so. All processes take the same steps.
+    """
     from tqdm.auto import tqdm
 
-    model.train()
-    order = torch.randperm(len(data.train), generator=generator).tolist()
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    forward.train()
+    items = epoch_order(len(data.train), cfg.seed, epoch, ranks.rank, ranks.world_size)
+    batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     if cfg.max_steps is not None:
-        batches = batches[:max(cfg.max_steps - step, 0)]
-    sums: dict[str, float] = {}
-    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
-               leave=False, dynamic_ncols=True, mininterval=0.5)
-    for batch in bar:
-        losses = sequence_losses(criterion, *_sample_batch(model, data, batch, cfg.data.window,
-                                                            generator))
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix({_short(k): f"{v:.3f}" for k, v in values.items() if not k[-1].isdigit()},
-                        refresh=False)
-    bar.close()
-    return {k: v / max(len(batches), 1) for k, v in sums.items()}, len(batches)
+        batches = batches[:max(cfg.max_steps - (step - part.batches_done), 0)]
+    bar = tqdm(total=len(batches), initial=part.batches_done, desc=f"epoch {epoch}/{cfg.epochs}",
+               disable=not cfg.progress or not ranks.main, leave=False, dynamic_ncols=True,
+               mininterval=0.5)
+    try:
+        for batch in batches[part.batches_done:]:
+            # Draws inside the objective (merge negatives) use the global generator.
+            torch.manual_seed(_stream_seed(cfg.seed, step, ranks.rank))
+            loss, losses = forward(*_sample_batch(model, data, batch, cfg.data.window, cfg.seed,
+                                                  epoch))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: "
+                                         f"{ {k: float(v) for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            values, stop = _mean_over_ranks({k: float(v) for k, v in losses.items()},
+                                            stop_requested(), ranks, device)
+            for k, v in values.items():
+                part.sums[k] = part.sums.get(k, 0.0) + v
+            part.batches_done += 1
+            step_losses.append(values["loss"])
+            bar.update(1)
+            bar.set_postfix({_short(k): f"{v:.3f}" for k, v in values.items()
+                             if not k[-1].isdigit()}, refresh=False)
+            if on_step is not None and on_step(step, values):
+                stop = True
+            if stop:
+                return step, part.batches_done == len(batches), True
+    finally:
+        bar.close()
+    return step, True, False
 
 
-def train(run_config: RunConfig | dict) -> dict:
+def _distributed_env() -> _Ranks:
+    """RANK / WORLD_SIZE / LOCAL_RANK as set by ``torchrun`` (world size 1 when unset)."""
+    try:
+        return _Ranks(rank=int(os.environ.get("RANK", 0)),
+                      world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                      local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise ValueError(f"RANK, WORLD_SIZE, LOCAL_RANK: expected integers ({e})") from e
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only record themselves (the loop stops after the step).
+
+    A second SIGINT raises `KeyboardInterrupt` at once. The previous handlers come back on exit.
+    Outside the main thread (where handlers cannot be installed) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.caught: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.caught == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.caught = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str | None:
+        return None if self.caught is None else signal.Signals(self.caught).name
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+              "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["random"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train(run_config: RunConfig | dict, *,
+          on_step: Callable[[int, dict[str, float]], bool | None] | None = None) -> dict:
     """Train the reference model; returns the metrics written to ``<out>/metrics.json``.
 
-    ``metrics.json`` and ``last.pt`` are rewritten (atomically) after every epoch, the plots at
-    the end.
+    ``metrics.json`` and ``last.pt`` are rewritten (atomically, see `esam.checkpoint`) after
+    every epoch, the plots at the end. SIGINT or SIGTERM during training lets the current step
+    finish, writes ``last.pt`` (with the position inside the epoch and the RNG states) and
+    ``metrics.json``, and returns with ``'interrupted'`` set; ``resume`` then continues with the
+    same data order and random draws, so the losses equal those of an uninterrupted run.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: the process group is set
+    up (gloo on CPU, nccl on CUDA, each process on ``cuda:LOCAL_RANK``), the model is wrapped
+    in `DistributedDataParallel`, every epoch's samples are split across the processes
+    (`epoch_order`; ``batch_size`` is per process), and only rank 0 writes files, evaluates
+    and shows the progress bar.
 
     Args:
         run_config: a `RunConfig` or a dict of its fields.
+        on_step: called after every optimiser step with (step, loss terms averaged over the
+            processes); a true result stops the run as a signal does.
 
     Returns:
         ``{'config', 'loss_config', 'data', 'epochs': [per epoch: mean of every loss term, lr,
-        seconds], 'eval': [held-out metrics per evaluation], 'final': the last held-out metrics,
-        'timings': {...}, 'files': {...}}``.
+        seconds], 'step_losses': [total loss of every step], 'eval': [held-out metrics per
+        evaluation], 'final': the last held-out metrics, 'timings': {...}, 'files': {...},
+        'world_size', 'interrupted': None, 'SIGINT', 'SIGTERM' or 'requested'}``.
     """
     cfg = run_config if isinstance(run_config, RunConfig) else RunConfig(**run_config)
+    ranks = _distributed_env()
+    device = _resolve_device(cfg.device)
+    if device.type == "cuda" and ranks.world_size > 1:
+        if device.index is None:
+            device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    own_group = ranks.world_size > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                rank=ranks.rank, world_size=ranks.world_size)
+    try:
+        return _train(cfg, ranks, device, on_step)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, ranks: _Ranks, device: torch.device,
+           on_step: Callable[[int, dict[str, float]], bool | None] | None) -> dict:
     t_start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = _resolve_device(cfg.device)
     _seed_everything(cfg.seed)
     out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
+    # Rank 0 fills the data cache first; the others then read it.
+    if ranks.world_size > 1 and not ranks.main:
+        dist.barrier()
     data = _load_run_data(cfg, device)
+    if ranks.world_size > 1 and ranks.main:
+        dist.barrier()
     num_classes = len(data.class_names)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                              num_semantic_classes=num_classes))
@@ -600,20 +818,33 @@ def train(run_config: RunConfig | dict) -> dict:
     model = ESAMReferenceModel(cfg.model).to(device)
     criterion = ESAMCriterion(loss_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * math.ceil(len(data.train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / ranks.world_size) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    epoch, step, history, evals = 0, 0, [], []
+    epoch, step, history, evals, step_losses = 0, 0, [], [], []
+    part: _EpochState | None = None  # the epoch in progress
     if cfg.resume:
-        ckpt = torch.load(cfg.resume, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
+        ckpt = read_checkpoint(cfg.resume, map_location=device,
+                               required=("model", "optimizer", "scheduler", "epoch", "step"))
+        restore_state(ckpt, {"model": model, "optimizer": optimizer, "scheduler": scheduler},
+                      cfg.resume)
         epoch, step = ckpt["epoch"], ckpt["step"]
         history, evals = ckpt.get("history", []), ckpt.get("evals", [])
+        step_losses = list(ckpt.get("step_losses", []))
+        if ckpt.get("partial_epoch") is not None:
+            part = _EpochState(**ckpt["partial_epoch"])
+        if "rng" in ckpt:
+            _set_rng_states(ckpt["rng"])
+    forward: torch.nn.Module = _BatchLoss(model, criterion)
+    if ranks.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    interrupted: str | None = None
 
     def metrics(files: dict | None = None) -> dict:
         return {
@@ -622,53 +853,79 @@ def train(run_config: RunConfig | dict) -> dict:
                      "thing_classes": data.thing_classes, "class_names": data.class_names,
                      "points_per_frame": float(np.mean([x.num_points for p in data.train
                                                         for x in p.inputs]))},
-            "epochs": history, "eval": evals, "final": evals[-1] if evals else None,
+            "epochs": history, "step_losses": step_losses, "eval": evals,
+            "final": evals[-1] if evals else None,
             "timings": {"data_s": t_data - t_start,
                         "train_s": sum(h["seconds"] for h in history),
                         "eval_s": sum(e["seconds"] for e in evals),
                         "total_s": time.perf_counter() - t_start, "steps": step},
+            "world_size": ranks.world_size, "interrupted": interrupted,
             "files": files or {},
         }
 
-    while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
-        epoch += 1
-        t0 = time.perf_counter()
-        means, taken = _train_epoch(model, criterion, optimizer, scheduler, generator, data, cfg,
-                                    epoch, step)
-        step += taken
-        history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                        "seconds": time.perf_counter() - t0, **means})
-        last = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-        note = ""
-        if data.val and (last or (cfg.eval_every and epoch % cfg.eval_every == 0)):
-            t_eval = time.perf_counter()
-            result = evaluate_model(model, data.val, inference=cfg.inference,
-                                    thing_classes=data.thing_classes,
-                                    min_region_size=cfg.eval_min_region_size)
-            evals.append({**result, "epoch": epoch, "seconds": time.perf_counter() - t_eval})
-            ap50 = result["multi_view"]["class_agnostic"]["ap50"]
-            note = f", held-out multi-view AP50 {ap50:.3f}"
-        _log.info("epoch %d/%d: loss %.4f (%.1f s)%s", epoch, cfg.epochs, history[-1]["loss"],
-                  history[-1]["seconds"], note)
-        state = {
+    def checkpoint_state(partial: _EpochState | None) -> dict:
+        return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "epoch": epoch, "step": step, "run_config": cfg.to_dict(),
-            "model_config": cfg.model.to_dict(), "loss_config": config_to_dict(loss_cfg),
-            "thing_classes": data.thing_classes, "class_names": data.class_names,
-            "history": history, "evals": evals,
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+            "partial_epoch": None if partial is None else dataclasses.asdict(partial),
+            "rng": _rng_states(), "world_size": ranks.world_size,
+            "run_config": cfg.to_dict(), "model_config": cfg.model.to_dict(),
+            "loss_config": config_to_dict(loss_cfg), "thing_classes": data.thing_classes,
+            "class_names": data.class_names, "history": history, "evals": evals,
+            "step_losses": step_losses,
         }
-        _atomic_write(out_dir / "last.pt", lambda p: torch.save(state, p))
-        _save_json(out_dir / "metrics.json", metrics())
+
+    with _StopSignals() as signals:
+        while part is not None or (epoch < cfg.epochs
+                                   and (cfg.max_steps is None or step < cfg.max_steps)):
+            if part is None:
+                epoch += 1
+                part = _EpochState()
+            t0 = time.perf_counter() - part.seconds
+            step, finished, stopped = _train_epoch(
+                forward, model, optimizer, scheduler, data, cfg, epoch, step, part,
+                ranks, device, lambda: signals.caught is not None, step_losses, on_step)
+            part.seconds = time.perf_counter() - t0
+            if stopped:
+                interrupted = signals.name or "requested"
+            if not finished:
+                if ranks.main:
+                    save_checkpoint(out_dir / "last.pt", checkpoint_state(part))
+                    _save_json(out_dir / "metrics.json", metrics())
+                _log.info("stopped (%s) at step %d, epoch %d; resume from %s", interrupted,
+                          step, epoch, out_dir / "last.pt")
+                break
+            history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                            "seconds": part.seconds,
+                            **{k: v / max(part.batches_done, 1) for k, v in part.sums.items()}})
+            part = None
+            last = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+            note = ""
+            if ranks.main and data.val and (last or (cfg.eval_every
+                                                     and epoch % cfg.eval_every == 0)):
+                t_eval = time.perf_counter()
+                result = evaluate_model(model, data.val, inference=cfg.inference,
+                                        thing_classes=data.thing_classes,
+                                        min_region_size=cfg.eval_min_region_size)
+                evals.append({**result, "epoch": epoch, "seconds": time.perf_counter() - t_eval})
+                ap50 = result["multi_view"]["class_agnostic"]["ap50"]
+                note = f", held-out multi-view AP50 {ap50:.3f}"
+            if ranks.main:
+                _log.info("epoch %d/%d: loss %.4f (%.1f s)%s", epoch, cfg.epochs,
+                          history[-1]["loss"], history[-1]["seconds"], note)
+                save_checkpoint(out_dir / "last.pt", checkpoint_state(None))
+                _save_json(out_dir / "metrics.json", metrics())
+            if stopped:
+                break
 
     files = {"checkpoint": str(out_dir / "last.pt"), "metrics": str(out_dir / "metrics.json")}
-    if cfg.plots and history:
-        from esam.visualize import plot_loss_curves
+    if ranks.main and interrupted is None:
+        if cfg.plots and history:
+            from esam.visualize import plot_loss_curves
 
-        files["loss_curves"] = [str(p) for p in plot_loss_curves(history, out_dir / "plots")]
-        if data.val:
-            files["instances"] = str(render_prediction(
-                model, data.val[0], out_dir / "instances.png", inference=cfg.inference))
-    result = metrics(files)
-    _save_json(out_dir / "metrics.json", result)
-    return json_ready(result)
+            files["loss_curves"] = [str(p) for p in plot_loss_curves(history, out_dir / "plots")]
+            if data.val:
+                files["instances"] = str(render_prediction(
+                    model, data.val[0], out_dir / "instances.png", inference=cfg.inference))
+        _save_json(out_dir / "metrics.json", metrics(files))
+    return json_ready(metrics(files))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 MaskLevel = Literal["point", "superpoint"]
 
-# Up to this many segments, segment sums run as one GEMM against a cached one-hot.
+# Up to this many instances, segment sums run as one GEMM against cached float masks.
 _GEMM_MAX_SEGMENTS = 64
 
 __all__ = [
@@ -121,34 +121,30 @@ class InstanceMasks:
         return self.segment_and_total(values)[0]
 
     def segment_and_total(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """``(R, K)`` per-instance sums of ``values (R, P)`` and ``(R,)`` row totals, one pass.
+        """``(R, K)`` per-instance sums of ``values (R, P)`` and ``(R,)`` row totals.
 
-        With ids, positions outside every instance fall in an extra segment, so the row totals
-        come from the same segment sum instead of a second pass over ``values``. For a few
-        segments the sum is a GEMM against a cached one-hot (BLAS streams ``values`` once, faster
-        than a scatter on CPU); for many it is a scatter-add, O(R*P) whatever K is.
+        Dense masks, and ids with few instances, run one GEMM against the (cached) float masks:
+        BLAS streams ``values`` once, faster than a scatter on CPU, and both encodings then
+        produce bitwise-equal sums (so matching ties break the same way). Many instances use a
+        scatter-add, O(R*P) whatever K is.
         """
-        if self.dense is not None:
-            return values @ self._float(values.dtype).T, values.sum(1)  # (R, K), (R,)
-        if self.num_instances + 1 <= _GEMM_MAX_SEGMENTS:
-            seg = torch.mm(self._onehot(values.dtype), values.T).T  # (R, K+1)
+        if self.dense is not None or self.num_instances <= _GEMM_MAX_SEGMENTS:
+            inside = torch.mm(self._float(values.dtype), values.T).T  # (R, K)
         else:
             seg = values.new_zeros(values.shape[0], self.num_instances + 1)
             seg.index_add_(1, self.ids + 1, values)  # column 0: outside every instance
-        return seg[:, 1:], seg.sum(1)
-
-    def _onehot(self, dtype: torch.dtype) -> Tensor:
-        """``(K+1, P)`` one-hot of ``ids + 1`` (row 0: outside every instance), cached."""
-        key = ("onehot", dtype)
-        if key not in self._cache:
-            k = torch.arange(self.num_instances + 1, device=self.ids.device)
-            self._cache[key] = (k.unsqueeze(1) == (self.ids + 1).unsqueeze(0)).to(dtype)
-        return self._cache[key]
+            inside = seg[:, 1:]
+        return inside, values.sum(1)
 
     def _float(self, dtype: torch.dtype) -> Tensor:
-        key = ("dense", dtype)
+        """``(K, P)`` float masks, cached per dtype."""
+        key = ("float", dtype)
         if key not in self._cache:
-            self._cache[key] = self.dense.to(dtype)
+            if self.dense is not None:
+                self._cache[key] = self.dense.to(dtype)
+            else:
+                k = torch.arange(self.num_instances, device=self.ids.device)
+                self._cache[key] = (k.unsqueeze(1) == self.ids.unsqueeze(0)).to(dtype)
         return self._cache[key]
 
     def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -160,10 +156,8 @@ class InstanceMasks:
 
     def rows(self, instance_idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Binary masks of the given instances -> ``(M, P)`` of ``dtype``."""
-        if self.dense is not None:
+        if self.dense is not None or self.num_instances <= _GEMM_MAX_SEGMENTS:
             return self._float(dtype).index_select(0, instance_idx)
-        if self.num_instances + 1 <= _GEMM_MAX_SEGMENTS:
-            return self._onehot(dtype).index_select(0, instance_idx + 1)
         return (self.ids.unsqueeze(0) == instance_idx.unsqueeze(1)).to(dtype)
 
     def to_dense(self) -> Tensor:

@@ -635,7 +635,8 @@ def _mean_over_ranks(values: dict[str, float], flag: bool, ranks: _Ranks,
             bool(t[-1] > 0))
 
 
-def _train_epoch(forward: torch.nn.Module, model: ESAMReferenceModel, optimizer, scheduler, data: _RunData, cfg: RunConfig, epoch: int, step: int,
+def _train_epoch(forward: torch.nn.Module, model: ESAMReferenceModel, optimizer, scheduler,
+                 data: _RunData, cfg: RunConfig, epoch: int, step: int,
                  part: _EpochState, ranks: _Ranks, device: torch.device,
                  stop_requested: Callable[[], bool], step_losses: list[float],
                  on_step: Callable[[int, dict[str, float]], bool | None] | None

@@ -34,6 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from esam.losses.merge import axis_aligned_box_iou
+from esam.structures import boxes_from_instance_ids
 
 __all__ = ["FrameInstances", "MergeResult", "OnlineMerge", "boxes_from_masks", "merge_similarity"]
 
@@ -99,15 +100,7 @@ def boxes_from_masks(points: Tensor, masks: Tensor) -> Tensor:
 
 def _boxes_from_pairs(points: Tensor, inst: Tensor, pt: Tensor, p: int) -> Tensor:
     """Boxes from (instance, point) membership pairs -> ``(P, 6)``."""
-    xyz = points[pt]  # (nnz, 3)
-    index = inst.unsqueeze(1).expand(-1, 3)
-    big = torch.finfo(points.dtype).max
-    lo = points.new_full((p, 3), big).scatter_reduce(0, index, xyz, reduce="amin")
-    hi = points.new_full((p, 3), -big).scatter_reduce(0, index, xyz, reduce="amax")
-    empty = (torch.bincount(inst, minlength=p) == 0).unsqueeze(1)  # (P, 1)
-    lo = lo.masked_fill(empty, 0.0)
-    hi = hi.masked_fill(empty, 0.0)
-    return torch.cat([(lo + hi) / 2, hi - lo], 1)
+    return boxes_from_instance_ids(points[pt], inst, p)
 
 
 def merge_similarity(memory_features: Tensor, memory_boxes: Tensor, features: Tensor,

@@ -1,0 +1,40 @@
+"""Structures helpers: the finite-value check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esam.structures import check_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_huge_finite_values_whose_sum_overflows_pass(dtype):
+    big = torch.finfo(dtype).max
+    x = torch.full((64, 100), big, dtype=dtype)
+    x[::2] = -big  # mixed signs too: partial sums may hit +inf and -inf
+    check_finite([("x", x), ("y", torch.full((10,), big, dtype=dtype))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_non_finite_value_is_named_even_among_huge_ones(dtype, bad):
+    big = torch.finfo(dtype).max
+    ok = torch.full((50,), big, dtype=dtype)
+    x = torch.randn(37, 91).to(dtype)
+    x[5, 17] = bad
+    with pytest.raises(ValueError, match=r"^x: expected finite values, got 1 NaN/Inf of 3367"):
+        check_finite([("ok", ok), ("x", x), ("z", torch.zeros(3, dtype=dtype))])
+    check_finite([("ok", ok), ("x", x.nan_to_num(0.0))])
+
+
+def test_integer_empty_and_none_entries_are_skipped():
+    check_finite([("i", torch.arange(3)), ("e", torch.empty(0)), ("n", None)])
+
+
+def test_tensors_requiring_grad_are_checked_without_touching_the_graph():
+    x = torch.randn(4, 5, requires_grad=True)
+    check_finite([("x", x)])
+    assert x.grad is None
+    with pytest.raises(ValueError, match="w: expected finite"):
+        check_finite([("w", x * float("inf"))])

@@ -220,3 +220,102 @@ def test_shape_errors_name_the_argument():
         InstanceMasks(ids=torch.tensor([0, -2]))
     with pytest.raises(ValueError, match="dense"):
         InstanceMasks(dense=torch.rand(2, 3))
+
+
+def _pairs(q, k, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, q, (m,), generator=g), torch.randint(0, k, (m,), generator=g)
+
+
+@pytest.mark.parametrize("form", ["seed", "esam"])
+@pytest.mark.parametrize("source", ["direct", "sums", "row_subset_sums"])
+def test_matched_mask_losses_match_loop_with_and_without_shared_sums(form, source):
+    x, ids, k = _case(q=7, p=31, k=4, seed=21)
+    gt = InstanceMasks(ids=ids, num_instances=k)
+    qi, ki = _pairs(7, k, 9, seed=22)  # repeated queries: one query may take several pairs
+    sums = None
+    if source == "sums":
+        sums = LF.MaskSums(x, gt)
+    elif source == "row_subset_sums":
+        rows = torch.unique(torch.cat([qi, torch.tensor([6])]))  # sorted, a superset of qi
+        sums = LF.MaskSums(x[rows], gt, rows=rows)
+    bce, dice, iou = LF.matched_mask_losses(x, qi, ki, gt, form, True, sums=sums)
+    g = loops.dense_masks(ids, k)
+    for m, (j, kk) in enumerate(zip(qi.tolist(), ki.tolist())):
+        row = x[j].tolist()
+        ref_bce = sum(loops.bce(v, t) for v, t in zip(row, g[kk])) / len(row)
+        ref_dice = loops.dice([loops.sigmoid(v) for v in row], g[kk], form)
+        assert bce[m].item() == pytest.approx(ref_bce, rel=1e-10)
+        assert dice[m].item() == pytest.approx(ref_dice, rel=1e-10, abs=1e-12)
+        assert iou[m].item() == pytest.approx(loops.iou_binary(row, g[kk]), abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["seed", "esam"])
+@pytest.mark.parametrize("with_sums", [False, True])
+def test_matched_mask_losses_analytic_gradient_equals_autograd_of_the_formulas(form, with_sums):
+    x, ids, k = _case(q=6, p=40, k=3, seed=23, scale=2.0)
+    gt = InstanceMasks(ids=ids, num_instances=k)
+    qi, ki = _pairs(6, k, 8, seed=24)
+    wb, wd = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    a = x.clone().requires_grad_()
+    sums = LF.MaskSums(a, gt) if with_sums else None
+    bce, dice, _ = LF.matched_mask_losses(a, qi, ki, gt, form, False, sums=sums)
+    ((bce * wb).sum() + (dice * wd).sum()).backward()
+    b = x.clone().requires_grad_()
+    rows = gt.rows(ki, torch.float64)
+    ref = ((LF.sigmoid_bce_loss(b[qi], rows, reduction="none") * wb).sum()
+           + (LF.dice_loss(b[qi], rows, form, reduction="none") * wd).sum())
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13)
+    untouched = torch.ones(6, dtype=torch.bool)
+    untouched[qi] = False
+    assert (a.grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("form", ["seed", "esam"])
+def test_gradcheck_matched_mask_losses(form):
+    x, ids, k = _case(q=4, p=9, k=3, seed=25, scale=1.0)
+    gt = InstanceMasks(ids=ids, num_instances=k)
+    qi, ki = torch.tensor([0, 2, 2, 3]), torch.tensor([1, 0, 2, 1])
+    x.requires_grad_()
+
+    def f(t):
+        # the sums are rebuilt from t, as the matcher does, so gradcheck perturbs both paths
+        bce, dice, _ = LF.matched_mask_losses(t, qi, ki, gt, form, False,
+                                              sums=LF.MaskSums(t, gt))
+        return bce, dice
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_matched_mask_losses_under_half_precision_inputs_return_fp32_values_and_grads():
+    x, ids, k = _case(q=5, p=50, k=3, seed=26)
+    gt = InstanceMasks(ids=ids, num_instances=k)
+    qi, ki = _pairs(5, k, 4, seed=27)
+    for dtype in (torch.float16, torch.bfloat16):
+        h = x.to(dtype).requires_grad_()
+        bce, dice, iou = LF.matched_mask_losses(h, qi, ki, gt, "esam", True,
+                                                sums=LF.MaskSums(h, gt))
+        assert bce.dtype == dice.dtype == torch.float32
+        ref_b, ref_d, ref_i = LF.matched_mask_losses(h.detach().double(), qi, ki, gt, "esam", True)
+        torch.testing.assert_close(bce.double(), ref_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dice.double(), ref_d, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(iou.double(), ref_i)
+        (bce.sum() + dice.sum()).backward()
+        assert h.grad.dtype == dtype and torch.isfinite(h.grad).all()
+
+
+def test_matched_mask_losses_with_no_pairs_or_no_positions_keep_the_graph():
+    gt = InstanceMasks(ids=torch.tensor([0, 1, -1]), num_instances=2)
+    x = torch.randn(3, 3, requires_grad=True)
+    empty = torch.empty(0, dtype=torch.long)
+    bce, dice, iou = LF.matched_mask_losses(x, empty, empty, gt, "esam", True)
+    assert bce.shape == dice.shape == iou.shape == (0,)
+    (bce.sum() + dice.sum()).backward()
+    assert (x.grad == 0).all()
+    gt0 = InstanceMasks(ids=torch.empty(0, dtype=torch.long), num_instances=2)
+    x0 = torch.randn(3, 0, requires_grad=True)
+    bce, dice, _ = LF.matched_mask_losses(x0, torch.tensor([0, 2]), torch.tensor([1, 1]), gt0,
+                                          "seed", False)
+    assert torch.isfinite(bce).all() and torch.isfinite(dice).all()
+    (bce.sum() + dice.sum()).backward()
+    assert x0.grad.shape == (3, 0)

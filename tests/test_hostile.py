@@ -556,10 +556,15 @@ def test_functional_formulas_are_finite_at_extreme_values(m, p, mode, scale, see
     gt_boxes = torch.rand(m, 6, generator=g, dtype=torch.float64).to(dtype) * 2
     ids = torch.randint(-1, 3, (p,), generator=g)
     gt = InstanceMasks(ids=ids, num_instances=3)
+    qi = torch.randint(0, max(m, 1), (m,), generator=g)  # a query may take several pairs
+    ki = torch.randint(0, 3, (m,), generator=g)
     terms = {
         "bce": lambda: LF.sigmoid_bce_loss(x, t),
         "dice": lambda: LF.dice_loss(x, t, form),
-        "matched": lambda: sum(v.sum() for v in LF.matched_mask_losses(x, t, form, True)[:2]),
+        "matched": lambda: sum(v.sum() for v in LF.matched_mask_losses(
+            x, qi, ki, gt, form, True)[:2]),
+        "matched_sums": lambda: sum(v.sum() for v in LF.matched_mask_losses(
+            x, qi, ki, gt, form, True, sums=LF.MaskSums(x, gt))[:2]),
         "score": lambda: LF.score_loss(y[:, 0] if p else y.sum(1), LF.mask_iou(x, t)),
         "bce_cost": lambda: LF.mask_bce_cost(x, gt).sum(),
         "l1_cost": lambda: LF.mask_l1_cost(x, gt, as_printed=True).sum(),

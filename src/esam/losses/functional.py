@@ -113,33 +113,42 @@ def class_cost(cls_logits: Tensor, labels: Tensor,
 
 
 class MaskSums:
-    """Sums over one sample's ``(Q, P)`` mask logits shared by the mask cost terms.
+    """Sums over one sample's ``(Q, P)`` mask logits shared by the mask costs and losses.
 
     Each sum is computed once, on first use: the BCE and Dice costs of the same layer read the
-    logits and their sigmoid once each, and row totals ride on the segment sums.
+    logits and their sigmoid once each, and row totals ride on the segment sums. The matched
+    losses (`matched_mask_losses`) then read their values at the matched pairs instead of
+    recomputing them, and get their gradient analytically. Sums carry no gradient and are
+    computed in at least float32 with autocast off, whatever the caller's context.
 
     Args:
-        mask_logits: ``(Q, P)``.
+        mask_logits: ``(R, P)``: all Q queries, or the subset ``rows`` of them.
         gt: K GT masks over the same P positions.
+        rows: ``(R,)`` increasing query indices of the rows of ``mask_logits``; None: all.
     """
 
-    def __init__(self, mask_logits: Tensor, gt: InstanceMasks):
+    def __init__(self, mask_logits: Tensor, gt: InstanceMasks, rows: Tensor | None = None):
         if mask_logits.dim() != 2 or mask_logits.shape[1] != gt.num_positions:
             raise ValueError(f"mask_logits: expected shape (Q, P={gt.num_positions}), got "
                              f"{tuple(mask_logits.shape)}")
-        self.logits = mask_logits
+        if rows is not None and rows.shape != mask_logits.shape[:1]:
+            raise ValueError(f"rows: expected shape ({mask_logits.shape[0]},) (one query index "
+                             f"per row of mask_logits), got {tuple(rows.shape)}")
+        self.logits = upcast(mask_logits.detach())
         self.gt = gt
+        self.rows = rows
         self.num_positions = mask_logits.shape[1]
         self._cache: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
 
     def _get(self, key: str, fn):
         if key not in self._cache:
-            self._cache[key] = fn()
+            with torch.no_grad(), torch.autocast(self.logits.device.type, enabled=False):
+                self._cache[key] = fn()
         return self._cache[key]
 
     @property
     def probs(self) -> Tensor:
-        """``(Q, P)`` sigmoid of the logits."""
+        """``(R, P)`` sigmoid of the logits."""
         return self._get("probs", self.logits.sigmoid)
 
     def _seg(self, name: str) -> tuple[Tensor, Tensor]:
@@ -148,11 +157,11 @@ class MaskSums:
         return self._get("seg_" + name, lambda: self.gt.segment_and_total(values()))
 
     def inside(self, name: str) -> Tensor:
-        """``(Q, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask."""
+        """``(R, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask."""
         return self._seg(name)[0]
 
     def total(self, name: str) -> Tensor:
-        """``(Q, 1)`` row sums of ``"logits"``, ``"probs"``, ``"probs_sq"`` or ``"softplus"``."""
+        """``(R, 1)`` row sums of ``"logits"``, ``"probs"``, ``"probs_sq"`` or ``"softplus"``."""
         if name == "softplus":
             return self._get("total_softplus",
                              lambda: F.softplus(self.logits).sum(1, keepdim=True))
@@ -161,6 +170,29 @@ class MaskSums:
     def gt_sizes(self) -> Tensor:
         """``(1, K)`` number of positions of each GT mask."""
         return self._get("sizes", lambda: self.gt.sizes(self.logits.dtype).unsqueeze(0))
+
+    def local(self, query_idx: Tensor) -> Tensor:
+        """Row of each of the given query indices (which must be among ``rows``)."""
+        if self.rows is None:
+            return query_idx
+        return torch.searchsorted(self.rows, query_idx)
+
+    def pair_sums(self, query_idx: Tensor, gt_idx: Tensor, form: DiceForm,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Sums of matched pairs ``(query_idx[m], gt_idx[m])``, each ``(M,)``.
+
+        Returns:
+            ``(sum softplus(x) - sum_{i in g} x, <q, g>, q_term, |g|)`` with ``q_term`` the
+            Dice form's ``<q, q>`` (seed) or ``sum q`` (esam).
+        """
+        r = self.local(query_idx)
+        bce = self.total("softplus")[r, 0] - self.inside("logits")[r, gt_idx]
+        inter = self.inside("probs")[r, gt_idx]
+        if form == "seed":
+            q_term = self.total("probs_sq")[r, 0]
+        else:
+            q_term = self.total("probs")[r, 0]
+        return bce, inter, q_term, self.gt_sizes()[0, gt_idx]
 
 
 def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks, *, sums: MaskSums | None = None,
@@ -302,20 +334,79 @@ def _iou_of_probs(probs: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
     return inter / (union - inter + eps)
 
 
-def matched_mask_losses(mask_logits: Tensor, targets: Tensor, form: DiceForm,
-                        with_iou: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-pair BCE, Dice and (detached) IoU of matched masks, sharing one sigmoid.
+class _MatchedMaskLoss(torch.autograd.Function):
+    """Per-pair BCE and Dice from precomputed sums, with their analytic gradient.
+
+    The forward pass only hands the sums' values through; the backward pass writes
+    ``dBCE/dx = (q - g) / P`` and ``dDice/dx = dDice/dq * q (1 - q)`` into the matched rows
+    (pairs that share a query add up) and zeros elsewhere, without ever rebuilding an autograd
+    graph over the ``(M, P)`` or ``(Q, P)`` elementwise work.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, query_idx, bce, dice, probs, targets, inter, q_term, sizes, form):
+        ctx.save_for_backward(query_idx, probs, targets, inter, q_term, sizes)
+        ctx.form = form
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        return bce.clone(), dice.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_bce, g_dice):
+        query_idx, q, g, inter, q_term, sizes = ctx.saved_tensors
+        p = max(q.shape[1], 1)
+        grad_rows = (q - g) * (g_bce / p).unsqueeze(1)
+        den = (q_term + sizes + 1).unsqueeze(1)  # (M, 1)
+        if ctx.form == "seed":  # L = 1 - 2I / (<q,q> + |g| + 1)
+            d_q = (4 * inter.unsqueeze(1) * q - 2 * g * den) / den ** 2
+        else:  # L = 1 - (2I + 1) / (sum q + |g| + 1)
+            d_q = ((2 * inter + 1).unsqueeze(1) - 2 * g * den) / den ** 2
+        grad_rows += d_q * (q * (1 - q)) * g_dice.unsqueeze(1)
+        grad = grad_rows.new_zeros(ctx.logits_shape).index_add_(0, query_idx, grad_rows)
+        return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
+
+
+def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
+                        gt: InstanceMasks, form: DiceForm, with_iou: bool, *,
+                        sums: MaskSums | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-pair BCE, Dice and (detached) IoU of matched masks.
+
+    Equal to `sigmoid_bce_loss`, `dice_loss` and `mask_iou` of the matched rows, but reads the
+    BCE and Dice sums from the matcher's `MaskSums` when given (no second pass over the logits)
+    and back-propagates analytically: the gradient costs one pass over the M matched rows.
 
     Args:
-        mask_logits: ``(M, P)``; targets: ``(M, P)`` in {0, 1}.
+        mask_logits: ``(Q, P)`` logits of one sample.
+        query_idx, gt_idx: ``(M,)`` matched pairs.
+        gt: K GT masks over the P positions.
+        form: Dice form, ``"seed"`` or ``"esam"``.
+        with_iou: also return the IoU of the binarised masks (the score loss's target).
+        sums: the matcher's sums over these logits (covering every matched query), or None.
 
     Returns:
         ``(bce (M,), dice (M,), iou (M,) or None)``.
     """
-    probs = mask_logits.sigmoid()
-    bce = sigmoid_bce_loss(mask_logits, targets, reduction="none")
-    dice = _dice_of_probs(probs, targets, form)
-    iou = _iou_of_probs(probs.detach(), targets) if with_iou else None
+    with torch.no_grad(), torch.autocast(mask_logits.device.type, enabled=False):
+        x = upcast(mask_logits.detach())
+        rows = x.index_select(0, query_idx)  # (M, P)
+        probs = rows.sigmoid()
+        targets = gt.rows(gt_idx, x.dtype)  # (M, P)
+        if sums is not None:
+            bce_sum, inter, q_term, sizes = sums.pair_sums(query_idx, gt_idx, form)
+        else:
+            bce_sum = F.softplus(rows).sum(1) - (rows * targets).sum(1)
+            inter = (probs * targets).sum(1)
+            q_term = _dice_q_term(probs, form)
+            sizes = gt.sizes(x.dtype)[gt_idx]
+        bce = bce_sum / max(x.shape[1], 1)
+        dice = _dice_from_sums(inter, q_term, sizes, form)
+        iou = None
+        if with_iou:  # `_iou_of_probs` with the GT sizes known: two passes over the rows
+            pred = (probs >= 0.5).to(x.dtype)
+            hit = torch.bmm(pred.unsqueeze(1), targets.unsqueeze(2)).flatten()
+            iou = hit / (pred.sum(1) + sizes - hit + 1e-6)
+    bce, dice = _MatchedMaskLoss.apply(mask_logits, query_idx, bce, dice, probs, targets, inter,
+                                       q_term, sizes, form)
     return bce, dice, iou
 
 

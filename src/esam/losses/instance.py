@@ -132,15 +132,21 @@ class InstanceCriterion(nn.Module):
     def match(self, layers: Sequence[LayerOutput],
               targets: Sequence[FrameTarget]) -> list[MatchIndices]:
         """Assign one decoder layer's queries (one `LayerOutput` per sample) to GT instances."""
+        return self._match(layers, targets)[0]
+
+    def _match(self, layers: Sequence[LayerOutput], targets: Sequence[FrameTarget],
+               ) -> tuple[list[MatchIndices], list[LF.MaskSums | None]]:
+        """The assignment and the matcher's mask sums, which the mask losses reuse."""
         return self.matcher(
             [l.cls_logits for l in layers], [l.mask_logits for l in layers],
             [t.labels for t in targets], [t.masks(l.mask_level) for l, t in zip(layers, targets)],
-            [t.query_masks for t in targets])
+            [t.query_masks for t in targets], return_sums=True)
 
     # -- per layer ----------------------------------------------------------------------------
 
     def _layer_pairs(self, layers: Sequence[LayerOutput], targets: Sequence[FrameTarget],
-                     indices: Sequence[MatchIndices]) -> _LayerPairs:
+                     indices: Sequence[MatchIndices],
+                     sums: Sequence[LF.MaskSums | None] | None = None) -> _LayerPairs:
         w = self.weights
         use_score = w.score != 0 and all(l.scores is not None for l in layers)
         use_box = self.box_loss is not None and w.bbox != 0
@@ -154,9 +160,9 @@ class InstanceCriterion(nn.Module):
             logits.append(layer.cls_logits)
             cls_target.append(target)
             sample.append(torch.full_like(qi, b))
-            pred = layer.mask_logits[qi]  # (M_b, P)
-            gt = tgt.masks(layer.mask_level).rows(ki, pred.dtype)  # (M_b, P)
-            pair_bce, pair_dice, iou = LF.matched_mask_losses(pred, gt, self.dice_form, use_score)
+            pair_bce, pair_dice, iou = LF.matched_mask_losses(
+                layer.mask_logits, qi, ki, tgt.masks(layer.mask_level), self.dice_form, use_score,
+                sums=sums[b] if sums is not None else None)
             bce.append(pair_bce)
             dice.append(pair_dice)
             if use_score:
@@ -303,15 +309,24 @@ class InstanceCriterion(nn.Module):
         with torch.autocast(predictions[0].final.cls_logits.device.type, enabled=False):
             layers_by_depth = [[_fp32(p.layers[i]) for p in predictions] for i in range(n_layers)]
             final_layers = layers_by_depth[-1]
-            final_indices = list(indices) if indices is not None else self.match(final_layers, targets)
+            final_sums = None
+            if indices is not None:
+                final_indices = list(indices)
+            else:
+                final_indices, final_sums = self._match(final_layers, targets)
             terms: dict[str, Tensor] = {}
             total = None
             depths = range(n_layers) if self.aux_loss else [n_layers - 1]
             for i in depths:
                 final = i == n_layers - 1
                 layers = layers_by_depth[i]
-                idx = final_indices if (final or not self.iter_matcher) else self.match(layers, targets)
-                pairs = self._layer_pairs(layers, targets, idx)
+                if final:
+                    idx, sums = final_indices, final_sums
+                elif self.iter_matcher:
+                    idx, sums = self._match(layers, targets)
+                else:
+                    idx, sums = final_indices, None
+                pairs = self._layer_pairs(layers, targets, idx, sums)
                 # Keeps every term on the graph when nothing matched (then gradients are zeros,
                 # not None); cheap, since the mask part is a one-column slice.
                 anchor = sum(l.cls_logits.sum() for l in layers)

@@ -120,13 +120,13 @@ class _Matcher(nn.Module):
         self.costs = list(costs)
 
     def _cost(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
-              masks: InstanceMasks) -> Tensor:
+              masks: InstanceMasks, sums: LF.MaskSums | None = None) -> Tensor:
         # fp32, autocast off: half-precision softmax/sigmoid sums can flip assignments.
         with torch.autocast(cls_logits.device.type, enabled=False):
             c = LF.upcast(cls_logits)
-            m = LF.upcast(mask_logits)
-            sums = LF.MaskSums(m, masks)  # shared by the mask terms
-            total = sum(term(c, m, labels, masks, sums) for term in self.costs)  # (Q, K)
+            if sums is None:
+                sums = LF.MaskSums(mask_logits, masks)  # shared by the mask terms
+            total = sum(term(c, sums.logits, labels, masks, sums) for term in self.costs)
         return torch.nan_to_num(total, nan=1e8, posinf=1e8, neginf=-1e8)
 
     @staticmethod
@@ -158,7 +158,8 @@ class HungarianMatcher(_Matcher):
     @torch.no_grad()
     def forward(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
                 gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
-                query_masks: Sequence[Tensor | None] | None = None) -> list[MatchIndices]:
+                query_masks: Sequence[Tensor | None] | None = None, *,
+                return_sums: bool = False):
         """Match every sample of a batch.
 
         Args:
@@ -167,13 +168,18 @@ class HungarianMatcher(_Matcher):
             gt_labels: per sample ``(K_b,)``.
             gt_masks: per sample K_b masks over P_b positions.
             query_masks: ignored (accepted for interface parity with `SparseMatcher`).
+            return_sums: also return each sample's `MaskSums` (None where no cost was
+                computed), which `matched_mask_losses` reuses.
 
         Returns:
-            A list of size B of ``(query_idx (M_b,), gt_idx (M_b,))``, sorted by query.
+            A list of size B of ``(query_idx (M_b,), gt_idx (M_b,))``, sorted by query; with
+            ``return_sums``, ``(indices, sums)``.
         """
         self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
-        costs = [self._cost(c, m, l, g) if len(l) and len(c) else None
-                 for c, m, l, g in zip(cls_logits, mask_logits, gt_labels, gt_masks)]
+        sums = [LF.MaskSums(m, g) if len(l) and len(c) else None
+                for c, m, l, g in zip(cls_logits, mask_logits, gt_labels, gt_masks)]
+        costs = [self._cost(c, m, l, g, s) if s is not None else None
+                 for c, m, l, g, s in zip(cls_logits, mask_logits, gt_labels, gt_masks, sums)]
         flat = [c.reshape(-1) for c in costs if c is not None]
         host = torch.cat(flat).cpu().numpy() if flat else np.empty(0)  # one transfer
         out: list[MatchIndices] = []
@@ -189,7 +195,7 @@ class HungarianMatcher(_Matcher):
             rows, cols = linear_sum_assignment(block)
             out.append((torch.as_tensor(rows, dtype=torch.long, device=l.device),
                         torch.as_tensor(cols, dtype=torch.long, device=l.device)))
-        return out
+        return (out, sums) if return_sums else out
 
 
 class SparseMatcher(_Matcher):
@@ -201,7 +207,8 @@ class SparseMatcher(_Matcher):
     released code does (ties at that boundary drop both). With ``Q <= topk`` every allowed query
     matches (the released code matches nothing there). Costs are computed only for the queries
     allowed for an instance with more than ``topk`` candidates; the others cannot change the
-    result.
+    result. With ``return_sums`` the sums also cover the queries of uncontested instances (they
+    all match, and their losses read the sums).
 
     Args:
         costs: weighted cost terms, summed.
@@ -217,8 +224,9 @@ class SparseMatcher(_Matcher):
     @torch.no_grad()
     def forward(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
                 gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
-                query_masks: Sequence[Tensor | None] | None = None) -> list[MatchIndices]:
-        """Match every sample of a batch (arguments as `HungarianMatcher.forward`).
+                query_masks: Sequence[Tensor | None] | None = None, *,
+                return_sums: bool = False):
+        """Match every sample of a batch (arguments and return as `HungarianMatcher.forward`).
 
         Args:
             query_masks: per sample ``(K_b, Q_b)`` bool, required.
@@ -227,28 +235,37 @@ class SparseMatcher(_Matcher):
             raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, got None")
         self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
         out: list[MatchIndices] = []
+        all_sums: list[LF.MaskSums | None] = []
         for i, (c, m, l, g, qm) in enumerate(
                 zip(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)):
             q, k = c.shape[0], len(l)
             if qm is None or qm.shape != (k, q):
                 raise ValueError(f"query_masks[{i}]: expected shape (K={k}, Q={q}), "
                                  f"got {None if qm is None else tuple(qm.shape)}")
+            sums = None
             if k == 0 or q == 0:
                 empty = torch.empty(0, dtype=torch.long, device=l.device)
                 out.append((empty, empty.clone()))
+                all_sums.append(sums)
                 continue
             allowed = qm.T.bool()  # (Q, K)
             # Only rows competing for a contested instance (more than topk allowed queries)
             # need a cost: an instance with at most topk candidates takes them all anyway.
-            contested = allowed.sum(0) > self.topk  # (K,)
-            rows = allowed[:, contested].any(1)  # (Q,)
-            if bool(rows.all()):
-                cost = self._cost(c, m, l, g)  # (Q, K)
+            if return_sums:
+                rows = allowed.any(1)  # (Q,)
+            else:
+                contested = torch.count_nonzero(allowed, dim=0) > self.topk  # (K,)
+                rows = allowed[:, contested].any(1)  # (Q,)
+            n_rows = int(torch.count_nonzero(rows))
+            if 2 * n_rows > q:  # most rows: cheaper to cost them all than to gather them
+                sums = LF.MaskSums(m, g)
+                cost = self._cost(c, m, l, g, sums)  # (Q, K)
             else:
                 cost = c.new_zeros(q, k, dtype=torch.promote_types(c.dtype, torch.float32))
                 r = rows.nonzero().flatten()
-                if r.numel():
-                    cost[r] = self._cost(c[r], m[r], l, g)
+                if n_rows:
+                    sums = LF.MaskSums(m.index_select(0, r), g, rows=r)
+                    cost[r] = self._cost(c.index_select(0, r), sums.logits, l, g, sums)
             cost = cost.masked_fill(~allowed, float("inf"))
             if q <= self.topk:
                 keep = torch.isfinite(cost)
@@ -257,4 +274,5 @@ class SparseMatcher(_Matcher):
                 keep = cost < kth
             ids = torch.argwhere(keep)  # (M, 2), row-major: sorted by query
             out.append((ids[:, 0], ids[:, 1]))
-        return out
+            all_sums.append(sums)
+        return (out, all_sums) if return_sums else out

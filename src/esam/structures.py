@@ -136,6 +136,21 @@ class InstanceMasks:
             inside = seg[:, 1:]
         return inside, values.sum(1)
 
+    def segment_accumulate(self, out_t: Tensor, values: Tensor, start: int) -> None:
+        """Add the per-instance sums of a block of columns to ``out_t``.
+
+        Args:
+            out_t: ``(K, R)`` accumulator (instances first: the GEMM's fast layout).
+            values: ``(R, C)`` values of positions ``[start, start + C)``.
+        """
+        stop = start + values.shape[1]
+        if self.dense is not None or self.num_instances <= _GEMM_MAX_SEGMENTS:
+            out_t.addmm_(self._float(values.dtype)[:, start:stop], values.T)
+        else:
+            seg = values.new_zeros(values.shape[0], self.num_instances + 1)
+            seg.index_add_(1, self.ids[start:stop] + 1, values)  # column 0: outside all
+            out_t += seg[:, 1:].T
+
     def _float(self, dtype: torch.dtype) -> Tensor:
         """``(K, P)`` float masks, cached per dtype."""
         key = ("float", dtype)

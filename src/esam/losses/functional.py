@@ -112,6 +112,9 @@ def class_cost(cls_logits: Tensor, labels: Tensor,
     raise ValueError(f"form: expected 'one_minus' or 'negative', got {form!r}")
 
 
+_SWEEP_BLOCK = 1 << 18  # elements per block of `MaskSums._sweep` (1 MB in float32)
+
+
 class MaskSums:
     """Sums over one sample's ``(Q, P)`` mask logits shared by the mask costs and losses.
 
@@ -148,24 +151,62 @@ class MaskSums:
 
     @property
     def probs(self) -> Tensor:
-        """``(R, P)`` sigmoid of the logits."""
+        """``(R, P)`` sigmoid of the logits (materialised only when asked for)."""
         return self._get("probs", self.logits.sigmoid)
 
-    def _seg(self, name: str) -> tuple[Tensor, Tensor]:
-        values = {"logits": lambda: self.logits, "probs": lambda: self.probs,
-                  "probs_sq": lambda: self.probs * self.probs}[name]
-        return self._get("seg_" + name, lambda: self.gt.segment_and_total(values()))
+    def prefetch(self, *names: str) -> MaskSums:
+        """Compute the sums of several of ``"softplus"`` (row totals), ``"logits"``, ``"probs"``
+        (segment sums and row totals) and ``"probs_sq"`` (row totals) in one sweep.
+
+        The sweep walks blocks of columns small enough to stay in cache, so neither
+        ``softplus(x)`` nor ``sigmoid(x)`` is ever materialised at ``(R, P)``: a 20k-point layer
+        would otherwise allocate (and page-fault in) 10 MB per temporary.
+        """
+        todo = [n for n in dict.fromkeys(names) if "total_" + n not in self._cache]
+        unknown = set(todo) - {"softplus", "logits", "probs", "probs_sq"}
+        if unknown:
+            raise ValueError(f"prefetch: unknown sum(s) {sorted(unknown)}")
+        if todo:
+            with torch.no_grad(), torch.autocast(self.logits.device.type, enabled=False):
+                self._sweep(todo)
+        return self
+
+    def _sweep(self, names: list[str]) -> None:
+        x = self.logits
+        r, p = x.shape
+        k = len(self.gt)
+        totals = {n: x.new_zeros(r) for n in names}
+        inside_t = {n: x.new_zeros(k, r) for n in names if n in ("logits", "probs")}
+        step = max(p, 1) if p * r <= _SWEEP_BLOCK else max(256, _SWEEP_BLOCK // max(r, 1))
+        for start in range(0, p, step):
+            xc = x[:, start:start + step]
+            if "softplus" in totals:
+                totals["softplus"] += F.softplus(xc).sum(1)
+            if "logits" in totals:
+                totals["logits"] += xc.sum(1)
+                self.gt.segment_accumulate(inside_t["logits"], xc, start)
+            if "probs" in totals or "probs_sq" in totals:
+                qc = xc.sigmoid()
+                if "probs" in totals:
+                    totals["probs"] += qc.sum(1)
+                    self.gt.segment_accumulate(inside_t["probs"], qc, start)
+                if "probs_sq" in totals:
+                    totals["probs_sq"] += (qc * qc).sum(1)
+        for n in names:
+            self._cache["total_" + n] = totals[n].unsqueeze(1)
+            if n in inside_t:
+                self._cache["inside_" + n] = inside_t[n].T
 
     def inside(self, name: str) -> Tensor:
         """``(R, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask."""
-        return self._seg(name)[0]
+        if name == "probs_sq":
+            return self._get("inside_probs_sq",
+                             lambda: self.gt.segment_sum(self.probs * self.probs))
+        return self.prefetch(name)._cache["inside_" + name]
 
     def total(self, name: str) -> Tensor:
         """``(R, 1)`` row sums of ``"logits"``, ``"probs"``, ``"probs_sq"`` or ``"softplus"``."""
-        if name == "softplus":
-            return self._get("total_softplus",
-                             lambda: F.softplus(self.logits).sum(1, keepdim=True))
-        return self._seg(name)[1].unsqueeze(1)
+        return self.prefetch(name)._cache["total_" + name]
 
     def gt_sizes(self) -> Tensor:
         """``(1, K)`` number of positions of each GT mask."""
@@ -354,14 +395,20 @@ class _MatchedMaskLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_bce, g_dice):
         query_idx, q, g, inter, q_term, sizes = ctx.saved_tensors
-        p = max(q.shape[1], 1)
-        grad_rows = (q - g) * (g_bce / p).unsqueeze(1)
-        den = (q_term + sizes + 1).unsqueeze(1)  # (M, 1)
+        # Per-row coefficients first, so each (M, P) pass is one fused op:
+        #   dBCE/dx  = (q - g) / P
+        #   dDice/dq = (2I + 1 - 2 g D) / D^2  (esam, D = sum q + |g| + 1)
+        #            = (4 I q - 2 g D) / D^2    (seed, D = <q,q> + |g| + 1)
+        #   dq/dx    = q (1 - q)
+        den = q_term + sizes + 1
+        beta = (g_dice * 2 / den).unsqueeze(1)
         if ctx.form == "seed":  # L = 1 - 2I / (<q,q> + |g| + 1)
-            d_q = (4 * inter.unsqueeze(1) * q - 2 * g * den) / den ** 2
+            d_q = (q * (g_dice * 4 * inter / den ** 2).unsqueeze(1)).sub_(g * beta)
         else:  # L = 1 - (2I + 1) / (sum q + |g| + 1)
-            d_q = ((2 * inter + 1).unsqueeze(1) - 2 * g * den) / den ** 2
-        grad_rows += d_q * (q * (1 - q)) * g_dice.unsqueeze(1)
+            alpha = (g_dice * (2 * inter + 1) / den ** 2).unsqueeze(1)
+            d_q = torch.addcmul(alpha, g, beta, value=-1)
+        grad_rows = d_q.mul_(torch.addcmul(q, q, q, value=-1))  # * q (1 - q)
+        grad_rows.addcmul_(q - g, (g_bce / max(q.shape[1], 1)).unsqueeze(1))
         grad = grad_rows.new_zeros(ctx.logits_shape).index_add_(0, query_idx, grad_rows)
         return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
 
@@ -389,11 +436,12 @@ def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
     with torch.no_grad(), torch.autocast(mask_logits.device.type, enabled=False):
         x = upcast(mask_logits.detach())
         rows = x.index_select(0, query_idx)  # (M, P)
-        probs = rows.sigmoid()
         targets = gt.rows(gt_idx, x.dtype)  # (M, P)
         if sums is not None:
+            probs = rows.sigmoid_()  # the rows themselves are not needed again
             bce_sum, inter, q_term, sizes = sums.pair_sums(query_idx, gt_idx, form)
         else:
+            probs = rows.sigmoid()
             bce_sum = F.softplus(rows).sum(1) - (rows * targets).sum(1)
             inter = (probs * targets).sum(1)
             q_term = _dice_q_term(probs, form)

@@ -48,6 +48,10 @@ class CostTerm:
     def cost(self, cls_logits: Tensor, sums: LF.MaskSums, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def sums_needed(self) -> tuple[str, ...]:
+        """The `MaskSums` sums this term reads (computed together in one sweep)."""
+        return ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight})"
 
@@ -74,6 +78,9 @@ class MaskBCECost(CostTerm):
             raise ValueError(f"form: expected 'bce', 'l1' or 'l1_as_printed', got {form!r}")
         self.form = form
 
+    def sums_needed(self):
+        return ("softplus", "logits") if self.form == "bce" else ("probs",)
+
     def cost(self, cls_logits, sums, labels):
         if self.form == "bce":
             return LF.mask_bce_cost(sums.logits, sums.gt, sums=sums)
@@ -88,6 +95,9 @@ class MaskDiceCost(CostTerm):
     def __init__(self, weight: float = 1.0, form: Literal["seed", "esam"] = "seed"):
         super().__init__(weight)
         self.form = form
+
+    def sums_needed(self):
+        return ("probs", "probs_sq") if self.form == "seed" else ("probs",)
 
     def cost(self, cls_logits, sums, labels):
         return LF.mask_dice_cost(sums.logits, sums.gt, self.form, sums=sums)
@@ -120,12 +130,16 @@ class _Matcher(nn.Module):
         self.costs = list(costs)
 
     def _cost(self, cls_logits: Tensor, mask_logits: Tensor, labels: Tensor,
-              masks: InstanceMasks, sums: LF.MaskSums | None = None) -> Tensor:
+              masks: InstanceMasks, sums: LF.MaskSums | None = None,
+              loss_sums: bool = False) -> Tensor:
         # fp32, autocast off: half-precision softmax/sigmoid sums can flip assignments.
         with torch.autocast(cls_logits.device.type, enabled=False):
             c = LF.upcast(cls_logits)
             if sums is None:
                 sums = LF.MaskSums(mask_logits, masks)  # shared by the mask terms
+            # every sum the terms (and, with loss_sums, the matched losses) read: one sweep
+            sums.prefetch(*(k for term in self.costs for k in term.sums_needed()),
+                          *(("softplus", "logits", "probs") if loss_sums else ()))
             total = sum(term(c, sums.logits, labels, masks, sums) for term in self.costs)
         return torch.nan_to_num(total, nan=1e8, posinf=1e8, neginf=-1e8)
 
@@ -178,7 +192,7 @@ class HungarianMatcher(_Matcher):
         self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
         sums = [LF.MaskSums(m, g) if len(l) and len(c) else None
                 for c, m, l, g in zip(cls_logits, mask_logits, gt_labels, gt_masks)]
-        costs = [self._cost(c, m, l, g, s) if s is not None else None
+        costs = [self._cost(c, m, l, g, s, return_sums) if s is not None else None
                  for c, m, l, g, s in zip(cls_logits, mask_logits, gt_labels, gt_masks, sums)]
         flat = [c.reshape(-1) for c in costs if c is not None]
         host = torch.cat(flat).cpu().numpy() if flat else np.empty(0)  # one transfer
@@ -259,13 +273,14 @@ class SparseMatcher(_Matcher):
             n_rows = int(torch.count_nonzero(rows))
             if 2 * n_rows > q:  # most rows: cheaper to cost them all than to gather them
                 sums = LF.MaskSums(m, g)
-                cost = self._cost(c, m, l, g, sums)  # (Q, K)
+                cost = self._cost(c, m, l, g, sums, return_sums)  # (Q, K)
             else:
                 cost = c.new_zeros(q, k, dtype=torch.promote_types(c.dtype, torch.float32))
                 r = rows.nonzero().flatten()
                 if n_rows:
                     sums = LF.MaskSums(m.index_select(0, r), g, rows=r)
-                    cost[r] = self._cost(c.index_select(0, r), sums.logits, l, g, sums)
+                    cost[r] = self._cost(c.index_select(0, r), sums.logits, l, g, sums,
+                                         return_sums)
             cost = cost.masked_fill(~allowed, float("inf"))
             if q <= self.topk:
                 keep = torch.isfinite(cost)

@@ -16,22 +16,37 @@ from esam.structures import FramePrediction
 __all__ = ["ClipConsCriterion", "gather_with_grad"]
 
 
+class _AllGather(torch.autograd.Function):
+    """``all_gather`` of equal-shaped ``(M, d)`` rows whose backward sums every rank's gradient
+    of this rank's rows (each rank's loss reads them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> Tensor:
+        stacked = torch.stack([g.contiguous() for g in grads])  # (world, M, d)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """Concatenate ``x (M_r, d)`` from every rank with this rank's rows first.
 
-    Rows from other ranks carry gradient back to them through ``all_gather``'s autograd
-    (``torch.distributed.nn``). Returns the gathered rows and this rank's row count. Without a
-    process group it returns ``x`` itself.
+    Rows from other ranks carry gradient back to them: the backward of the gather all-reduces
+    the gradients and each rank keeps those of its own rows. Returns the gathered rows and this
+    rank's row count. Without a process group it returns ``x`` itself.
     """
     if not is_distributed():
         return x, x.shape[0]
-    from torch.distributed import nn as dist_nn
-
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     m_max = int(max(s.item() for s in sizes))
     pad = torch.cat([x, x.new_zeros(m_max - x.shape[0], x.shape[1])])
-    parts = dist_nn.all_gather(pad)
+    parts = _AllGather.apply(pad)
     rank = dist.get_rank()
     own = [parts[rank][: int(sizes[rank])]]
     others = [p[: int(s)] for r, (p, s) in enumerate(zip(parts, sizes)) if r != rank]

@@ -228,7 +228,8 @@ def _pairs(q, k, m, seed):
 
 
 @pytest.mark.parametrize("form", ["seed", "esam"])
-@pytest.mark.parametrize("source", ["direct", "sums", "row_subset_sums"])
+@pytest.mark.parametrize("source", ["direct", "sums", "row_subset_sums", "pair_sums",
+                                    "row_subset_pair_sums"])
 def test_matched_mask_losses_match_loop_with_and_without_shared_sums(form, source):
     x, ids, k = _case(q=7, p=31, k=4, seed=21)
     gt = InstanceMasks(ids=ids, num_instances=k)
@@ -239,6 +240,13 @@ def test_matched_mask_losses_match_loop_with_and_without_shared_sums(form, sourc
     elif source == "row_subset_sums":
         rows = torch.unique(torch.cat([qi, torch.tensor([6])]))  # sorted, a superset of qi
         sums = LF.MaskSums(x[rows], gt, rows=rows)
+    elif source == "pair_sums":  # inside sums at the matched pairs (and one more) only
+        pairs = torch.unique(torch.stack([torch.cat([qi, torch.tensor([6])]),
+                                          torch.cat([ki, torch.tensor([0])])]), dim=1)
+        sums = LF.MaskSums(x, gt, pairs=(pairs[0], pairs[1]))
+    elif source == "row_subset_pair_sums":
+        rows = torch.unique(qi)
+        sums = LF.MaskSums(x[rows], gt, rows=rows, pairs=(torch.searchsorted(rows, qi), ki))
     bce, dice, iou = LF.matched_mask_losses(x, qi, ki, gt, form, True, sums=sums)
     g = loops.dense_masks(ids, k)
     for m, (j, kk) in enumerate(zip(qi.tolist(), ki.tolist())):
@@ -319,3 +327,50 @@ def test_matched_mask_losses_with_no_pairs_or_no_positions_keep_the_graph():
     assert torch.isfinite(bce).all() and torch.isfinite(dice).all()
     (bce.sum() + dice.sum()).backward()
     assert x0.grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("encoding", ["ids", "dense"])
+def test_pair_mode_sums_equal_full_sums_at_the_pairs_and_count_binarised_hits(encoding):
+    x, ids, k = _case(q=6, p=40, k=4, seed=31)
+    gt = InstanceMasks(ids=ids, num_instances=k)
+    if encoding == "dense":
+        dense = gt.to_dense()
+        dense[1, :5] = True  # overlaps
+        gt = InstanceMasks(dense=dense)
+    x[2, :7] = 0.0  # sigmoid(0) = 0.5 counts as inside the binarised mask
+    rows, inst = torch.tensor([0, 0, 2, 3, 5]), torch.tensor([1, 3, 1, 0, 2])
+    full = LF.MaskSums(x, gt)
+    pair = LF.MaskSums(x, gt, pairs=(rows, inst))
+    for name in ("logits", "probs"):
+        torch.testing.assert_close(pair.inside(name)[rows, inst], full.inside(name)[rows, inst],
+                                   rtol=1e-12, atol=1e-12)
+        untouched = torch.ones(6, k, dtype=torch.bool)
+        untouched[rows, inst] = False
+        assert (pair.inside(name)[untouched] == 0).all()
+    for name in ("softplus", "probs", "probs_sq"):
+        torch.testing.assert_close(pair.total(name), full.total(name), rtol=1e-12, atol=1e-12)
+    g = gt.to_dense()
+    expected = [sum(1 for i in range(40) if g[kk, i] and loops.sigmoid(x[j, i].item()) >= 0.5)
+                for j, kk in zip(rows.tolist(), inst.tolist())]
+    assert pair.pair_positive(rows, inst).tolist() == expected
+    assert full.pair_positive(rows, inst) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_row_totals_match_softplus_at_every_magnitude(dtype):
+    # the sweep's relu(x) - log(max(q, 1 - q)) form against softplus itself, incl. huge logits
+    g = torch.Generator().manual_seed(32)
+    x = torch.cat([torch.randn(3, 700, generator=g, dtype=torch.float64) * s
+                   for s in (0.1, 3.0, 30.0)])
+    x = torch.cat([x, torch.full((1, 700), 1e4, dtype=torch.float64),
+                   torch.full((1, 700), -1e4, dtype=torch.float64),
+                   torch.zeros(1, 700, dtype=torch.float64)]).to(dtype)
+    gt = InstanceMasks(ids=torch.randint(-1, 3, (700,), generator=g), num_instances=3)
+    got = LF.MaskSums(x, gt).total("softplus")[:, 0]
+    ref = torch.nn.functional.softplus(x.double()).sum(1)
+    assert got.dtype == dtype
+    # float32: each element's error is at most ~1 ulp of 1 (the rounding of max(q, 1 - q))
+    atol = 700 * 1.2e-7 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6 if dtype == torch.float32 else 1e-10,
+                               atol=atol)
+    assert got[-2].item() == 0.0 and got[-3].item() == pytest.approx(7e6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esam.structures import check_finite
+from esam.structures import InstanceMasks, check_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -38,3 +38,32 @@ def test_tensors_requiring_grad_are_checked_without_touching_the_graph():
     assert x.grad is None
     with pytest.raises(ValueError, match="w: expected finite"):
         check_finite([("w", x * float("inf"))])
+
+
+def _masks(encoding):
+    ids = torch.tensor([2, -1, 0, 2, 1, 0, -1, 2, 4])
+    if encoding == "ids":
+        return InstanceMasks(ids=ids, num_instances=5), [[2, 5], [4], [0, 3, 7], [], [8]]
+    dense = InstanceMasks(ids=ids, num_instances=5).to_dense()
+    dense[3, [1, 2]] = True  # overlapping instances: only the dense encoding has them
+    return InstanceMasks(dense=dense), [[2, 5], [4], [0, 3, 7], [1, 2], [8]]
+
+
+@pytest.mark.parametrize("encoding", ["ids", "dense"])
+def test_members_list_each_instances_positions_in_order(encoding):
+    masks, expected = _masks(encoding)
+    positions, starts, counts = masks.members()
+    got = [positions[s:s + c].tolist() for s, c in zip(starts.tolist(), counts.tolist())]
+    assert got == expected
+
+
+@pytest.mark.parametrize("encoding", ["ids", "dense"])
+def test_pair_positions_enumerate_every_member_of_every_pair(encoding):
+    masks, members = _masks(encoding)
+    rows, inst = torch.tensor([0, 3, 3, 1, 2]), torch.tensor([2, 0, 3, 3, 1])
+    pair, flat = masks.pair_positions(rows, inst, row_stride=9)
+    expected = [(a, r * 9 + i) for a, (r, k) in enumerate(zip(rows.tolist(), inst.tolist()))
+                for i in members[k]]
+    assert list(zip(pair.tolist(), flat.tolist())) == expected
+    empty = masks.pair_positions(rows[:0], inst[:0], 9)
+    assert empty[0].shape == empty[1].shape == (0,)

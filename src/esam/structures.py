@@ -162,6 +162,49 @@ class InstanceMasks:
                 self._cache[key] = (k.unsqueeze(1) == self.ids.unsqueeze(0)).to(dtype)
         return self._cache[key]
 
+    def members(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Positions of every instance, grouped by instance (cached).
+
+        Returns:
+            ``(positions (E,), starts (K,), counts (K,))``: the positions of instance k are
+            ``positions[starts[k] : starts[k] + counts[k]]``, in increasing order; E is the
+            number of (instance, position) memberships.
+        """
+        if "members" not in self._cache:
+            if self.dense is not None:
+                k_pos = torch.nonzero(self.dense)  # (E, 2), row-major: grouped by instance
+                positions = k_pos[:, 1]
+                counts = torch.count_nonzero(self.dense, dim=1)
+            else:
+                # a stable sort keeps each instance's positions increasing; -1 (none) sorts first
+                order = torch.sort(self.ids, stable=True).indices
+                counts = torch.bincount(self.ids + 1, minlength=self.num_instances + 1)
+                positions = order[counts[0]:]
+                counts = counts[1:]
+            starts = torch.cumsum(counts, 0) - counts
+            self._cache["members"] = (positions, starts, counts)
+        return self._cache["members"]
+
+    def pair_positions(self, rows: Tensor, instance_idx: Tensor, row_stride: int,
+                       ) -> tuple[Tensor, Tensor]:
+        """Flat indices of the members of given (row, instance) pairs in a ``(R, P)`` tensor.
+
+        For pairs ``a`` with row ``rows[a]`` and instance ``instance_idx[a]``, lists every
+        ``(a, rows[a] * row_stride + i)`` with position i in that instance, so a sum over each
+        pair's mask is one gather and one ``index_add`` of ``sum_a |g_a|`` elements instead of
+        a pass over all P positions per pair.
+
+        Returns:
+            ``(pair (T,), flat (T,))``.
+        """
+        positions, starts, counts = self.members()
+        n = counts[instance_idx]  # (A,)
+        pair = torch.repeat_interleave(torch.arange(len(instance_idx), device=n.device), n)
+        first = torch.cumsum(n, 0) - n  # (A,) offset of each pair's first member in the list
+        within = torch.arange(len(pair), device=n.device) - first[pair]
+        flat = rows[pair] * row_stride + positions[starts[instance_idx][pair] + within]
+        return pair, flat
+
     def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Number of positions of each instance -> ``(K,)``."""
         if self.dense is not None:

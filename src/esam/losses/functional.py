@@ -119,27 +119,40 @@ class MaskSums:
     """Sums over one sample's ``(Q, P)`` mask logits shared by the mask costs and losses.
 
     Each sum is computed once, on first use: the BCE and Dice costs of the same layer read the
-    logits and their sigmoid once each, and row totals ride on the segment sums. The matched
+    logits and their sigmoid once each, and row totals ride on the same sweep. The matched
     losses (`matched_mask_losses`) then read their values at the matched pairs instead of
-    recomputing them, and get their gradient analytically. Sums carry no gradient and are
-    computed in at least float32 with autocast off, whatever the caller's context.
+    recomputing them. Sums carry no gradient and are computed in at least float32 with
+    autocast off, whatever the caller's context.
+
+    Per-instance ("inside") sums come in two modes. Without ``pairs`` they cover every
+    (row, instance) pair: one GEMM against the GT masks per block of columns. With ``pairs`` —
+    the only pairs a sparse matcher can assign — they cover those pairs alone, as a gather of
+    each pair's mask members (``sum_a |g_a|`` elements, at most R*P for non-overlapping
+    instances): the ``inside`` matrices then hold zeros at every other pair.
 
     Args:
         mask_logits: ``(R, P)``: all Q queries, or the subset ``rows`` of them.
         gt: K GT masks over the same P positions.
         rows: ``(R,)`` increasing query indices of the rows of ``mask_logits``; None: all.
+        pairs: ``(row (A,), instance (A,))``, rows local to ``mask_logits``; None: all pairs.
     """
 
-    def __init__(self, mask_logits: Tensor, gt: InstanceMasks, rows: Tensor | None = None):
+    def __init__(self, mask_logits: Tensor, gt: InstanceMasks, rows: Tensor | None = None,
+                 pairs: tuple[Tensor, Tensor] | None = None):
         if mask_logits.dim() != 2 or mask_logits.shape[1] != gt.num_positions:
             raise ValueError(f"mask_logits: expected shape (Q, P={gt.num_positions}), got "
                              f"{tuple(mask_logits.shape)}")
         if rows is not None and rows.shape != mask_logits.shape[:1]:
             raise ValueError(f"rows: expected shape ({mask_logits.shape[0]},) (one query index "
                              f"per row of mask_logits), got {tuple(rows.shape)}")
-        self.logits = upcast(mask_logits.detach())
+        if pairs is not None and (len(pairs) != 2 or pairs[0].shape != pairs[1].shape
+                                  or pairs[0].dim() != 1):
+            raise ValueError("pairs: expected (row (A,), instance (A,)) index tensors, got "
+                             f"shapes {[tuple(t.shape) for t in pairs]}")
+        self.logits = upcast(mask_logits.detach()).contiguous()
         self.gt = gt
         self.rows = rows
+        self.pairs = pairs
         self.num_positions = mask_logits.shape[1]
         self._cache: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
 
@@ -156,7 +169,7 @@ class MaskSums:
 
     def prefetch(self, *names: str) -> MaskSums:
         """Compute the sums of several of ``"softplus"`` (row totals), ``"logits"``, ``"probs"``
-        (segment sums and row totals) and ``"probs_sq"`` (row totals) in one sweep.
+        (inside sums and row totals) and ``"probs_sq"`` (row totals) in one sweep.
 
         The sweep walks blocks of columns small enough to stay in cache, so neither
         ``softplus(x)`` nor ``sigmoid(x)`` is ever materialised at ``(R, P)``: a 20k-point layer
@@ -175,30 +188,72 @@ class MaskSums:
         x = self.logits
         r, p = x.shape
         k = len(self.gt)
-        totals = {n: x.new_zeros(r) for n in names}
-        inside_t = {n: x.new_zeros(k, r) for n in names if n in ("logits", "probs")}
+        want = set(names)
+        # softplus(x) = relu(x) - log(max(q, 1 - q)): reuses q = sigmoid(x), and relu's row sum
+        # is (sum x + sum |x|) / 2, so the only extra transcendental per element is a log
+        need_q = bool(want & {"softplus", "probs", "probs_sq"})
+        need_x = bool(want & {"softplus", "logits"})
+        gemm = self.pairs is None
+        totals = {n: x.new_zeros(r) for n in ("x", "abs", "logmax", "probs", "probs_sq")}
+        inside_t = {n: x.new_zeros(k, r) for n in want & {"logits", "probs"}} if gemm else {}
         step = max(p, 1) if p * r <= _SWEEP_BLOCK else max(256, _SWEEP_BLOCK // max(r, 1))
         for start in range(0, p, step):
             xc = x[:, start:start + step]
-            if "softplus" in totals:
-                totals["softplus"] += F.softplus(xc).sum(1)
-            if "logits" in totals:
-                totals["logits"] += xc.sum(1)
+            if need_x:
+                totals["x"] += xc.sum(1)
+            if "logits" in inside_t:
                 self.gt.segment_accumulate(inside_t["logits"], xc, start)
-            if "probs" in totals or "probs_sq" in totals:
+            if need_q:
                 qc = xc.sigmoid()
-                if "probs" in totals:
+                if "probs" in want:
                     totals["probs"] += qc.sum(1)
-                    self.gt.segment_accumulate(inside_t["probs"], qc, start)
-                if "probs_sq" in totals:
+                    if "probs" in inside_t:
+                        self.gt.segment_accumulate(inside_t["probs"], qc, start)
+                if "probs_sq" in want:
                     totals["probs_sq"] += (qc * qc).sum(1)
+                if "softplus" in want:  # q is not needed again: in place
+                    totals["abs"] += xc.abs().sum(1)
+                    totals["logmax"] += qc.sub_(0.5).abs_().add_(0.5).log_().sum(1)
+        if "softplus" in want:
+            totals["softplus"] = (totals["x"] + totals["abs"]) * 0.5 - totals["logmax"]
+        totals["logits"] = totals["x"]
         for n in names:
             self._cache["total_" + n] = totals[n].unsqueeze(1)
             if n in inside_t:
                 self._cache["inside_" + n] = inside_t[n].T
+        if not gemm and want & {"logits", "probs"}:
+            # the binarised masks' hits ride on the same gather (the score loss's IoU reads them)
+            for n, v in self._pair_inside(want & {"logits", "probs"} | {"positive"}).items():
+                self._cache.setdefault("inside_" + n, v)
+
+    def _pair_inside(self, names: set[str]) -> dict[str, Tensor]:
+        """``(R, K)`` inside sums at ``pairs`` (zeros elsewhere) from one gather of members."""
+        x = self.logits
+        row, inst = self.pairs
+        pair, flat = self.gt.pair_positions(row, inst, x.shape[1])
+        vals = x.reshape(-1)[flat]  # (T,) logits at every member of every pair
+        out = {}
+        for n in ("logits", "probs", "positive"):
+            if n in names and "inside_" + n not in self._cache:
+                v = {"logits": vals, "probs": vals.sigmoid(),
+                     "positive": (vals.sigmoid() >= 0.5).to(x.dtype)}[n] if len(vals) else vals
+                per_pair = x.new_zeros(len(row)).index_add_(0, pair, v)  # (A,)
+                out[n] = x.new_zeros(x.shape[0], len(self.gt)).index_put_((row, inst), per_pair)
+        return out
+
+    def pair_positive(self, query_idx: Tensor, gt_idx: Tensor) -> Tensor | None:
+        """``(M,)`` number of positions of each pair's GT mask where ``sigmoid(x) >= 0.5`` (the
+        binarised mask's hits), for pairs among ``pairs``; None without ``pairs``."""
+        if self.pairs is None:
+            return None
+        if "inside_positive" not in self._cache:
+            with torch.no_grad(), torch.autocast(self.logits.device.type, enabled=False):
+                self._cache["inside_positive"] = self._pair_inside({"positive"})["positive"]
+        return self._cache["inside_positive"][self.local(query_idx), gt_idx]
 
     def inside(self, name: str) -> Tensor:
-        """``(R, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask."""
+        """``(R, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask
+        (with ``pairs``: only at those pairs)."""
         if name == "probs_sq":
             return self._get("inside_probs_sq",
                              lambda: self.gt.segment_sum(self.probs * self.probs))
@@ -378,39 +433,54 @@ def _iou_of_probs(probs: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
 class _MatchedMaskLoss(torch.autograd.Function):
     """Per-pair BCE and Dice from precomputed sums, with their analytic gradient.
 
-    The forward pass only hands the sums' values through; the backward pass writes
-    ``dBCE/dx = (q - g) / P`` and ``dDice/dx = dDice/dq * q (1 - q)`` into the matched rows
-    (pairs that share a query add up) and zeros elsewhere, without ever rebuilding an autograd
-    graph over the ``(M, P)`` or ``(Q, P)`` elementwise work.
+    The forward pass only hands the sums' values through. The backward pass never rebuilds an
+    autograd graph over the elementwise work; per matched pair it splits the gradient into a
+    part every position of the query's row gets and a part only the GT mask's members get:
+
+        dBCE/dx_i  = (q_i - g_i) / P
+        dDice/dx_i = q_i (1 - q_i) * ((2I + 1) / D^2 - 2 g_i / D)    esam, D = sum q + |g| + 1
+                   = q_i (1 - q_i) * (4 I q_i / D^2 - 2 g_i / D)       seed, D = <q,q> + |g| + 1
+
+    The row part is a few fused passes over the matched rows (pairs that share a query add up);
+    the member part touches ``sum_m |g_m|`` elements through `InstanceMasks.pair_positions`.
     """
 
     @staticmethod
-    def forward(ctx, logits, query_idx, bce, dice, probs, targets, inter, q_term, sizes, form):
-        ctx.save_for_backward(query_idx, probs, targets, inter, q_term, sizes)
-        ctx.form = form
-        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+    def forward(ctx, logits, x, query_idx, gt_idx, gt, bce, dice, inter, q_term, sizes, form):
+        ctx.save_for_backward(x, query_idx, gt_idx, inter, q_term, sizes)
+        ctx.gt, ctx.form, ctx.logits_dtype = gt, form, logits.dtype
         return bce.clone(), dice.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_bce, g_dice):
-        query_idx, q, g, inter, q_term, sizes = ctx.saved_tensors
-        # Per-row coefficients first, so each (M, P) pass is one fused op:
-        #   dBCE/dx  = (q - g) / P
-        #   dDice/dq = (2I + 1 - 2 g D) / D^2  (esam, D = sum q + |g| + 1)
-        #            = (4 I q - 2 g D) / D^2    (seed, D = <q,q> + |g| + 1)
-        #   dq/dx    = q (1 - q)
-        den = q_term + sizes + 1
-        beta = (g_dice * 2 / den).unsqueeze(1)
-        if ctx.form == "seed":  # L = 1 - 2I / (<q,q> + |g| + 1)
-            d_q = (q * (g_dice * 4 * inter / den ** 2).unsqueeze(1)).sub_(g * beta)
-        else:  # L = 1 - (2I + 1) / (sum q + |g| + 1)
-            alpha = (g_dice * (2 * inter + 1) / den ** 2).unsqueeze(1)
-            d_q = torch.addcmul(alpha, g, beta, value=-1)
-        grad_rows = d_q.mul_(torch.addcmul(q, q, q, value=-1))  # * q (1 - q)
-        grad_rows.addcmul_(q - g, (g_bce / max(q.shape[1], 1)).unsqueeze(1))
-        grad = grad_rows.new_zeros(ctx.logits_shape).index_add_(0, query_idx, grad_rows)
-        return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None, None
+        x, query_idx, gt_idx, inter, q_term, sizes = ctx.saved_tensors
+        p = x.shape[1]
+        den = q_term + sizes + 1  # (M,)
+        gamma = g_bce / max(p, 1)  # BCE: gamma * q on the row, -gamma on members
+        beta = g_dice * 2 / den  # Dice: -beta * q (1 - q) on members
+        if ctx.form == "seed":
+            alpha, delta = torch.zeros_like(den), g_dice * 4 * inter / den ** 2
+        else:
+            alpha, delta = g_dice * (2 * inter + 1) / den ** 2, torch.zeros_like(den)
+        rows, inverse = torch.unique(query_idx, return_inverse=True)  # (U,), (M,)
+
+        def per_row(v: Tensor) -> Tensor:  # (M,) -> (U, 1), summed over pairs sharing a query
+            return v.new_zeros(len(rows)).index_add_(0, inverse, v).unsqueeze(1)
+
+        q = x.index_select(0, rows).sigmoid_()  # (U, P)
+        if ctx.form == "seed":  # q * (delta q (1 - q) + gamma)
+            grad_rows = torch.addcmul(q, q, q, value=-1).mul_(per_row(delta))
+            grad_rows.add_(per_row(gamma)).mul_(q)
+        else:  # q * ((alpha + gamma) - alpha q)
+            a = per_row(alpha)
+            grad_rows = torch.addcmul(a + per_row(gamma), q, a, value=-1).mul_(q)
+        grad = x.new_zeros(x.shape).index_copy_(0, rows, grad_rows)
+        pair, flat = ctx.gt.pair_positions(query_idx, gt_idx, p)
+        qm = x.reshape(-1)[flat].sigmoid_()  # (T,) q at every member of every pair
+        member = torch.addcmul(gamma[pair], qm - qm * qm, beta[pair])  # (T,)
+        grad.view(-1).index_add_(0, flat, member, alpha=-1)
+        return (grad.to(ctx.logits_dtype),) + (None,) * 10
 
 
 def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
@@ -419,8 +489,8 @@ def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
     """Per-pair BCE, Dice and (detached) IoU of matched masks.
 
     Equal to `sigmoid_bce_loss`, `dice_loss` and `mask_iou` of the matched rows, but reads the
-    BCE and Dice sums from the matcher's `MaskSums` when given (no second pass over the logits)
-    and back-propagates analytically: the gradient costs one pass over the M matched rows.
+    BCE and Dice sums from the matcher's `MaskSums` when given (no second pass over the logits),
+    sums over a GT mask only where its members are, and back-propagates analytically.
 
     Args:
         mask_logits: ``(Q, P)`` logits of one sample.
@@ -428,32 +498,47 @@ def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
         gt: K GT masks over the P positions.
         form: Dice form, ``"seed"`` or ``"esam"``.
         with_iou: also return the IoU of the binarised masks (the score loss's target).
-        sums: the matcher's sums over these logits (covering every matched query), or None.
+        sums: the matcher's sums over these logits (covering every matched pair), or None.
 
     Returns:
         ``(bce (M,), dice (M,), iou (M,) or None)``.
     """
     with torch.no_grad(), torch.autocast(mask_logits.device.type, enabled=False):
-        x = upcast(mask_logits.detach())
-        rows = x.index_select(0, query_idx)  # (M, P)
-        targets = gt.rows(gt_idx, x.dtype)  # (M, P)
+        x = upcast(mask_logits.detach()).contiguous()
+        p = x.shape[1]
+        members = None
+
+        def pair_sum(fn) -> Tensor:  # sum of fn(logits) over each pair's mask members, (M,)
+            nonlocal members
+            if members is None:
+                pair, flat = gt.pair_positions(query_idx, gt_idx, p)
+                members = pair, x.reshape(-1)[flat]  # (T,) logits at every member of every pair
+            return x.new_zeros(len(query_idx)).index_add_(0, members[0], fn(members[1]))
+
+        rows = inverse = xr = None
         if sums is not None:
-            probs = rows.sigmoid_()  # the rows themselves are not needed again
             bce_sum, inter, q_term, sizes = sums.pair_sums(query_idx, gt_idx, form)
         else:
-            probs = rows.sigmoid()
-            bce_sum = F.softplus(rows).sum(1) - (rows * targets).sum(1)
-            inter = (probs * targets).sum(1)
-            q_term = _dice_q_term(probs, form)
-            sizes = gt.sizes(x.dtype)[gt_idx]
-        bce = bce_sum / max(x.shape[1], 1)
+            sizes = gt.sizes(x.dtype)[gt_idx]  # (M,)
+            rows, inverse = torch.unique(query_idx, return_inverse=True)  # (U,), (M,)
+            xr = x.index_select(0, rows)  # (U, P)
+            bce_sum = F.softplus(xr).sum(1)[inverse] - pair_sum(lambda v: v)
+            inter = pair_sum(torch.sigmoid)
+            q_term = _dice_q_term(xr.sigmoid(), form)[inverse]
+        bce = bce_sum / max(p, 1)
         dice = _dice_from_sums(inter, q_term, sizes, form)
         iou = None
-        if with_iou:  # `_iou_of_probs` with the GT sizes known: two passes over the rows
-            pred = (probs >= 0.5).to(x.dtype)
-            hit = torch.bmm(pred.unsqueeze(1), targets.unsqueeze(2)).flatten()
-            iou = hit / (pred.sum(1) + sizes - hit + 1e-6)
-    bce, dice = _MatchedMaskLoss.apply(mask_logits, query_idx, bce, dice, probs, targets, inter,
+        if with_iou:  # of the binarised masks, sigmoid(x) >= 0.5: only the matched rows
+            if rows is None:
+                rows, inverse = torch.unique(query_idx, return_inverse=True)
+                xr = x.index_select(0, rows)  # (U, P)
+            binary = xr.sigmoid_() >= 0.5  # (U, P); xr is not needed again
+            positive = torch.count_nonzero(binary, dim=1)[inverse].to(x.dtype)
+            hit = sums.pair_positive(query_idx, gt_idx) if sums is not None else None
+            if hit is None:
+                hit = pair_sum(lambda v: (v.sigmoid() >= 0.5).to(x.dtype))
+            iou = hit / (positive + sizes - hit + 1e-6)
+    bce, dice = _MatchedMaskLoss.apply(mask_logits, x, query_idx, gt_idx, gt, bce, dice, inter,
                                        q_term, sizes, form)
     return bce, dice, iou
 

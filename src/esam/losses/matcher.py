@@ -235,6 +235,18 @@ class SparseMatcher(_Matcher):
             raise ValueError(f"topk: expected >= 1, got {topk}")
         self.topk = int(topk)
 
+    @staticmethod
+    def _pairs(allowed: Tensor, masks: InstanceMasks, positions: int,
+               ) -> tuple[Tensor, Tensor] | None:
+        """The allowed ``(row, instance)`` pairs, when summing over their members alone is
+        cheaper than a pass over every position per instance (the costs of other pairs are
+        never read); None otherwise."""
+        row_inst = torch.argwhere(allowed)  # (A, 2)
+        members = int(masks.members()[2][row_inst[:, 1]].sum())
+        if 4 * members > allowed.shape[0] * positions:
+            return None
+        return row_inst[:, 0], row_inst[:, 1]
+
     @torch.no_grad()
     def forward(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
                 gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
@@ -272,16 +284,17 @@ class SparseMatcher(_Matcher):
                 rows = allowed[:, contested].any(1)  # (Q,)
             n_rows = int(torch.count_nonzero(rows))
             if 2 * n_rows > q:  # most rows: cheaper to cost them all than to gather them
-                sums = LF.MaskSums(m, g)
+                sums = LF.MaskSums(m, g, pairs=self._pairs(allowed, g, m.shape[1]))
                 cost = self._cost(c, m, l, g, sums, return_sums)  # (Q, K)
             else:
                 cost = c.new_zeros(q, k, dtype=torch.promote_types(c.dtype, torch.float32))
                 r = rows.nonzero().flatten()
                 if n_rows:
-                    sums = LF.MaskSums(m.index_select(0, r), g, rows=r)
+                    sums = LF.MaskSums(m.index_select(0, r), g, rows=r,
+                                       pairs=self._pairs(allowed[r], g, m.shape[1]))
                     cost[r] = self._cost(c.index_select(0, r), sums.logits, l, g, sums,
                                          return_sums)
-            cost = cost.masked_fill(~allowed, float("inf"))
+            cost = cost.masked_fill(~allowed, float("inf"))  # also hides unsummed pairs
             if q <= self.topk:
                 keep = torch.isfinite(cost)
             else:

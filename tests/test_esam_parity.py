@@ -116,3 +116,36 @@ def test_released_nan_case_is_finite_here():
     assert torch.isnan(released_mixed_instance_loss(pred, insts, modes))
     ours = build_instance_criterion(esam_preset(4, 1))(preds, targets)
     assert all(torch.isfinite(v) for v in ours.values())
+
+
+@pytest.mark.parametrize("inside_sums", ["gemm", "pairs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_esam_values_and_gradients_equal_released_with_one_instance_per_query(
+        inside_sums, dtype, monkeypatch):
+    # ESAM's layout: a query is allowed only for the instance holding its seed superpoint, so
+    # the sparse matcher gathers those pairs' members instead of a GEMM per instance
+    from esam.losses import matcher as matcher_module
+    monkeypatch.setattr(matcher_module, "_PAIR_MODE_MIN_WORK",
+                        0 if inside_sums == "pairs" else float("inf"))
+    preds, targets = make_batch([(24, 5, 120), (20, 4, 90), (16, 6, 100)], seed=7, dtype=dtype,
+                                c=1, s=20, levels=("superpoint", "superpoint", "point", "point"))
+    g = torch.Generator().manual_seed(8)
+    for t in targets:
+        k, q = t.query_masks.shape
+        seed_instance = torch.randint(-1, k, (q,), generator=g)
+        t.query_masks = seed_instance.unsqueeze(0) == torch.arange(k).unsqueeze(1)
+    leaves = [t for p in preds for l in p.layers for t in (l.cls_logits, l.mask_logits, l.scores,
+                                                           l.box_preds)]
+    for t in leaves:
+        t.requires_grad_()
+    cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
+    ours = build_instance_criterion(cfg)(preds, targets)["loss"]
+    grads = torch.autograd.grad(ours, leaves, allow_unused=True)
+    ref = released_mixed_instance_loss(*to_released(preds, targets))
+    ref_grads = torch.autograd.grad(ref, leaves, allow_unused=True)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert ours.item() == pytest.approx(ref.item(), rel=tol)
+    for a, b in zip(grads, ref_grads):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-2)

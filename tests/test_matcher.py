@@ -6,7 +6,16 @@ import torch
 from esam.losses import (HungarianMatcher, MaskBCECost, MaskDiceCost, QueryClassificationCost,
                          SparseMatcher)
 from esam.losses import functional as LF
+from esam.losses import matcher as matcher_module
 from esam.structures import InstanceMasks
+
+
+@pytest.fixture(params=["gemm", "pairs"])
+def inside_sums(request, monkeypatch):
+    """Run a sparse-matcher test with inside sums by GEMM and by gathering the allowed pairs."""
+    monkeypatch.setattr(matcher_module, "_PAIR_MODE_MIN_WORK",
+                        0 if request.param == "pairs" else float("inf"))
+    return request.param
 
 
 def _costs():
@@ -68,7 +77,7 @@ def test_matcher_runs_fp32_under_autocast():
     torch.testing.assert_close(got, ref)
 
 
-def test_sparse_matcher_matches_loop():
+def test_sparse_matcher_matches_loop(inside_sums):
     q, k = 12, 4
     cls, masks, labels, gt = _sample(q, k, seed=5)
     g = torch.Generator().manual_seed(6)
@@ -107,7 +116,7 @@ def test_matcher_shape_errors():
         HungarianMatcher([])
 
 
-def test_sparse_matcher_skips_uncontested_rows_without_changing_the_result():
+def test_sparse_matcher_skips_uncontested_rows_without_changing_the_result(inside_sums):
     q, k = 16, 5
     cls, masks, labels, gt = _sample(q, k, seed=9)
     qm = torch.zeros(k, q, dtype=torch.bool)
@@ -124,3 +133,16 @@ def test_sparse_matcher_skips_uncontested_rows_without_changing_the_result():
         ref = torch.argwhere(cost < kth)
         assert torch.equal(got[0], ref[:, 0]) and torch.equal(got[1], ref[:, 1])
     assert (3, 1) in set(zip(got[0].tolist(), got[1].tolist()))
+
+
+def test_sparse_matcher_gathers_allowed_pairs_only_where_cheaper(monkeypatch):
+    monkeypatch.setattr(matcher_module, "_PAIR_MODE_MIN_WORK", 0)
+    q, k = 16, 5
+    cls, masks, labels, gt = _sample(q, k, seed=9)
+    one = torch.zeros(k, q, dtype=torch.bool)
+    one[torch.arange(q) % k, torch.arange(q)] = True  # each query allowed for one instance
+    _, sums = SparseMatcher(_costs())([cls], [masks], [labels], [gt], [one], return_sums=True)
+    assert sums[0].pairs is not None and len(sums[0].pairs[0]) == q
+    every = torch.ones(k, q, dtype=torch.bool)  # every pair allowed: a pass per pair costs more
+    _, sums = SparseMatcher(_costs())([cls], [masks], [labels], [gt], [every], return_sums=True)
+    assert sums[0].pairs is None

@@ -533,7 +533,7 @@ def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
                 rows, inverse = torch.unique(query_idx, return_inverse=True)
                 xr = x.index_select(0, rows)  # (U, P)
             binary = xr.sigmoid_() >= 0.5  # (U, P); xr is not needed again
-            positive = torch.count_nonzero(binary, dim=1)[inverse].to(x.dtype)
+            positive = binary.sum(1, dtype=torch.int32)[inverse].to(x.dtype)
             hit = sums.pair_positive(query_idx, gt_idx) if sums is not None else None
             if hit is None:
                 hit = pair_sum(lambda v: (v.sigmoid() >= 0.5).to(x.dtype))

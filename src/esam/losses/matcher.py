@@ -31,6 +31,10 @@ __all__ = [
 
 MatchIndices = tuple[Tensor, Tensor]
 
+# Below this many multiply-adds (R * P * K) a layer's inside sums run as a GEMM even when the
+# sparse matcher could gather its allowed pairs' members instead: the GEMM is one op.
+_PAIR_MODE_MIN_WORK = 1 << 22
+
 
 class CostTerm:
     """A weighted pairwise cost ``(Q, K)`` between queries and GT instances."""
@@ -241,6 +245,8 @@ class SparseMatcher(_Matcher):
         """The allowed ``(row, instance)`` pairs, when summing over their members alone is
         cheaper than a pass over every position per instance (the costs of other pairs are
         never read); None otherwise."""
+        if allowed.shape[0] * positions * len(masks) < _PAIR_MODE_MIN_WORK:
+            return None  # the GEMM is cheap: fewer ops than gathering
         row_inst = torch.argwhere(allowed)  # (A, 2)
         members = int(masks.members()[2][row_inst[:, 1]].sum())
         if 4 * members > allowed.shape[0] * positions:

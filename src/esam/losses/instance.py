@@ -150,7 +150,7 @@ class InstanceCriterion(nn.Module):
         w = self.weights
         use_score = w.score != 0 and all(l.scores is not None for l in layers)
         use_box = self.box_loss is not None and w.bbox != 0
-        bce, dice, score, keep, box, sample = [], [], [], [], [], []
+        bce, dice, score, ious, box, sample = [], [], [], [], [], []
         logits, cls_target = [], []
         for b, (layer, tgt, (qi, ki)) in enumerate(zip(layers, targets, indices)):
             c = self.num_classes
@@ -166,10 +166,8 @@ class InstanceCriterion(nn.Module):
             bce.append(pair_bce)
             dice.append(pair_dice)
             if use_score:
-                s = layer.scores.reshape(-1)[qi]
-                score.append(LF.score_loss(s, iou, reduction="none"))
-                thr = self.score_iou_threshold
-                keep.append(iou > thr if thr is not None else torch.ones_like(iou, dtype=torch.bool))
+                score.append(layer.scores.reshape(-1)[qi])
+                ious.append(iou)
             if use_box:
                 pred_boxes = layer.boxes()
                 if pred_boxes is None:
@@ -178,7 +176,16 @@ class InstanceCriterion(nn.Module):
                 if tgt.boxes is None:
                     raise ValueError(f"boxes: box_loss={self.box_loss!r} needs (K, 6) GT boxes, "
                                      f"got None (sample {b})")
-                box.append(self._box_term(pred_boxes[qi], tgt.boxes[ki].to(pred_boxes.dtype)))
+                box.append((pred_boxes[qi], tgt.boxes[ki].to(pred_boxes.dtype)))
+        # score and box terms once for the whole batch's pairs
+        score_term = score_keep = box_term = None
+        if use_score:
+            iou = torch.cat(ious)  # (M,)
+            score_term = LF.score_loss(torch.cat(score), iou, reduction="none")
+            thr = self.score_iou_threshold
+            score_keep = iou > thr if thr is not None else torch.ones_like(iou, dtype=torch.bool)
+        if use_box:
+            box_term = self._box_term(torch.cat([p for p, _ in box]), torch.cat([g for _, g in box]))
         cat_logits = torch.cat(logits)  # (sum Q, C+1)
         cat_target = torch.cat(cls_target)  # (sum Q,)
         ce = F.cross_entropy(cat_logits, cat_target, reduction="none")
@@ -188,9 +195,7 @@ class InstanceCriterion(nn.Module):
             torch.tensor([l.num_queries for l in layers], device=ce.device))
         return _LayerPairs(
             sample=torch.cat(sample), bce=torch.cat(bce), dice=torch.cat(dice),
-            score=torch.cat(score) if use_score else None,
-            score_keep=torch.cat(keep) if use_score else None,
-            box=torch.cat(box) if use_box else None,
+            score=score_term, score_keep=score_keep, box=box_term,
             ce=ce, ce_weight=cw, query_sample=q_sample, num_samples=len(layers))
 
     def _box_term(self, pred: Tensor, gt: Tensor) -> Tensor:

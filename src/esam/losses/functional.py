@@ -232,11 +232,13 @@ class MaskSums:
         row, inst = self.pairs
         pair, flat = self.gt.pair_positions(row, inst, x.shape[1])
         vals = x.reshape(-1)[flat]  # (T,) logits at every member of every pair
+        probs = vals.sigmoid() if names & {"probs", "positive"} else None
         out = {}
         for n in ("logits", "probs", "positive"):
             if n in names and "inside_" + n not in self._cache:
-                v = {"logits": vals, "probs": vals.sigmoid(),
-                     "positive": (vals.sigmoid() >= 0.5).to(x.dtype)}[n] if len(vals) else vals
+                v = {"logits": vals, "probs": probs}.get(n)
+                if v is None:
+                    v = (probs >= 0.5).to(x.dtype)
                 per_pair = x.new_zeros(len(row)).index_add_(0, pair, v)  # (A,)
                 out[n] = x.new_zeros(x.shape[0], len(self.gt)).index_put_((row, inst), per_pair)
         return out

@@ -290,6 +290,28 @@ def test_int32_and_duplicate_indices_match_reference():
     ref = ReferenceMergeFast()(feats, masks)
     ours = ScanNetMergeCriterion_Fast()(feats, masks)
     assert_close(ours["loss"], ref["merge_loss_tmp"] + ref["merge_loss_p2s"], 1e-10)
+    # a query listed twice ties with itself in the max: its gradient is still the released one
+    for a, b in zip(grads(ours["loss"], feats),
+                    grads(ref["merge_loss_tmp"] + ref["merge_loss_p2s"], feats)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_max_ties_share_the_gradient():
+    # two distinct queries with equal features tie in the max: together they get the gradient
+    # the released code gives the first one
+    feats, masks = make_inputs(frames=(2,), instances=(3,), queries=(8,), seed=12, p_absent=0.0)
+    masks = [[[torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])]
+              for _ in range(2)]]
+    feats = [[f.detach().clone() for f in feats[0]]]
+    for f in feats[0]:
+        f[1] = f[0]
+        f.requires_grad_()
+    ref = ReferenceMergeFast(tmp=False)(feats, masks)["merge_loss_p2s"]
+    ours = ScanNetMergeCriterion_Fast(tmp=False)(feats, masks)["loss"]
+    assert_close(ours, ref, 1e-10)
+    for a, b in zip(grads(ours, feats), grads(ref, feats)):
+        assert torch.allclose(a[0] + a[1], b[0] + b[1], atol=1e-9, rtol=1e-9)
+        assert torch.allclose(a[2:], b[2:], atol=1e-9, rtol=1e-9)
 
 
 def test_bad_inputs_raise():

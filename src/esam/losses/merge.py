@@ -15,8 +15,8 @@ assignment, in the released layout:
 * ``ins_masks[b][v][k]``: 1-D integer tensor, the queries of frame v that belong to instance k
   (empty when k is absent from the frame); every frame of a sample lists the same K instances.
 
-Both are InfoNCE terms written as one ``F.cross_entropy`` over a padded similarity tensor with
-``arange`` labels:
+Both are InfoNCE terms written as one ``F.cross_entropy`` over rows of a similarity tensor,
+absent columns masked:
 
 * ``tmp`` (temporal): instance centres (mean of member features) of frame t against those of
   frame t+1, and back; rows are instances present in both frames, columns the instances present
@@ -33,12 +33,16 @@ Both are InfoNCE terms written as one ``F.cross_entropy`` over a padded similari
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
+from functools import cached_property
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from esam.losses import functional as LF
 
@@ -96,18 +100,17 @@ def axis_aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-12) -> 
 class _Packed:
     """The released nested layout flattened once.
 
-    Frames are laid out on the padded (B, V) grid, frame f = b * V + v. A "slot" is
-    ``f * K + k``. Entries (instance, member) are stored frame by frame, slot by slot.
+    Frames are laid out on the padded (B, V) grid, frame f = b * V + v, each padded to Q rows.
+    A "slot" is ``f * K + k``. Entries (instance, member) are stored frame by frame, slot by
+    slot, in the order of the given lists.
     """
 
-    frames: list[Tensor]  # the given (Q_f, d) merge features of every real frame
-    frame_index: list[int]  # position of each real frame on the (B, V) grid
-    frame_entries: list[int]  # number of entries of each real frame
+    frames: list[list[Tensor]]  # the given (Q_f, d) merge features per sample, one dtype >= fp32
+    max_queries: int  # Q
+    dim: int  # d
     member_slot: Tensor  # (E,) slot of every entry
-    member_query: Tensor  # (E,) query index of every entry in its frame
-    member_row: Tensor  # (E,) row of every entry in the (F * E_f, d) padded entry grid
-    max_entries: int  # E_f, the most entries of one frame
-    table: Tensor  # (F, K, M) position, among its frame's entries, of the i-th member of k
+    member_query: Tensor  # (E,) query of every entry in its frame
+    table: Tensor  # (F, K, M) query of the i-th member of k, the last one for shorter lists
     counts: Tensor  # (B, V, K) members per instance and frame
     num_instances: Tensor  # (B,) K_b
     num_frames: list[int]  # V_b per sample
@@ -117,19 +120,11 @@ class _Packed:
     def present(self) -> Tensor:
         return self.counts > 0  # (B, V, K)
 
-    def entry_grid(self, members: Tensor) -> Tensor:
-        """Entry features laid out per frame, ``(E, d)`` -> ``(F, E_f, d)`` (zero padding)."""
-        b, v, _ = self.shape
-        grid = members.new_zeros(b * v * self.max_entries, members.shape[1])
-        grid.index_copy_(0, self.member_row, members)
-        return grid.view(b * v, self.max_entries, members.shape[1])
-
-    def member_feats(self) -> Tensor:
-        """Features of every entry -> ``(E, d)``, gathered frame by frame (small backward)."""
-        if not self.frames:
-            return torch.zeros(0, 0)
-        parts = self.member_query.split(self.frame_entries)
-        return torch.cat([f.index_select(0, idx) for f, idx in zip(self.frames, parts)])
+    @cached_property
+    def feats(self) -> Tensor:
+        """The frames stacked -> ``(F, Q, d)``, zero rows for padding."""
+        return _stack_frames(self.frames, self.shape[1], self.max_queries, self.dim,
+                             self.counts.device)
 
 
 def _check_index_lists(ins_masks: InsMasks) -> None:
@@ -143,6 +138,32 @@ def _check_index_lists(ins_masks: InsMasks) -> None:
                            if isinstance(idx, Tensor) else type(idx).__name__)
                     raise ValueError(f"ins_masks[{b}][{v}][{k}]: expected a 1-D integer tensor of "
                                      f"query indices, got {got}")
+
+
+def _long_tensor(values: list[int], device: torch.device) -> Tensor:
+    """A Python list of ints -> int64 tensor (through numpy: several times faster than
+    ``torch.tensor`` for the ~1000-long lists of a batch)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
+
+
+def _stack_frames(frames: list[list[Tensor]], v_max: int, q_max: int, d: int,
+                  device: torch.device) -> Tensor:
+    """Per-sample lists of ``(Q_f, d)`` frames -> ``(B * V, Q, d)``, one ``cat``.
+
+    Frames are padded with zero rows to Q and samples with zero frames to V; when every frame
+    already has that shape (the usual batch) nothing is padded.
+    """
+    flat = [f for sample in frames for f in sample]
+    if not flat:
+        return torch.zeros(len(frames) * v_max, q_max, d, device=device)
+    if all(len(sample) == v_max for sample in frames) and all(f.shape[0] == q_max for f in flat):
+        return torch.cat(flat).view(len(flat), q_max, d)
+    blank = flat[0].new_zeros(q_max, d)
+    grid = []
+    for sample in frames:
+        grid.extend(F.pad(f, (0, 0, 0, q_max - f.shape[0])) for f in sample)
+        grid.extend(blank for _ in range(v_max - len(sample)))
+    return torch.cat(grid).view(len(grid), q_max, d)
 
 
 def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
@@ -185,57 +206,65 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
     d = d or 0
     n_frames = num_samples * v_max
 
-    feats, dest, rows, slots, frame_q = [], [], [], [], []
+    # per instance list: its slot and (Python) length; the lists themselves concatenated once
+    lists, slots, list_q = [], [], []
     for b in range(num_samples):
         for v in range(frames_per_sample[b]):
-            f = upcast(merge_feats[b][v])  # fp32 at least (CPU autocast cannot cat fp16)
             fi = b * v_max + v
-            feats.append(f)
-            dest.append(fi)
-            frame_q.append(f.shape[0])
-            rows.extend(ins_masks[b][v])
-            slots.extend(range(fi * k_max, fi * k_max + inst_per_sample[b]))
-    dest_t = torch.tensor(dest, dtype=torch.long, device=device)  # (F_real,)
-    q_of_frame = torch.zeros(n_frames, dtype=torch.long, device=device).index_copy(
-        0, dest_t, torch.tensor(frame_q, dtype=torch.long, device=device))  # (F,)
-
+            lists.extend(ins_masks[b][v])
+            slots.append(range(fi * k_max, fi * k_max + inst_per_sample[b]))
+            list_q.append((merge_feats[b][v].shape[0], inst_per_sample[b]))  # (Q_f, K_b)
     try:
-        lens = [t.shape[0] for t in rows]
-        local = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        lens = [t.numel() for t in lists]
+        # empty tensors are left out: they send torch.cat down a much slower path
+        local = torch.cat([t for t, n in zip(lists, lens) if n]) if any(lens) else None
     except (AttributeError, IndexError, TypeError, RuntimeError):
         _check_index_lists(ins_masks)
         raise
-    if local.is_floating_point() or local.dtype == torch.bool or local.is_complex() or any(
-            t.dtype == torch.bool for t in rows):
+    if any(dt.is_floating_point or dt.is_complex or dt == torch.bool
+           for dt in {t.dtype for t in lists}) or (local is not None and local.dim() != 1):
         _check_index_lists(ins_masks)
-    local = local.to(device=device, dtype=torch.long)  # (E,)
-    lens_t = torch.tensor(lens, dtype=torch.long, device=device)  # (sum K,)
-    slot_t = torch.tensor(slots, dtype=torch.long, device=device)  # (sum K,)
+    if local is None:
+        local = torch.zeros(0, dtype=torch.long, device=device)
+    local = local.to(device=device, dtype=torch.long)  # (E,) query of every entry in its frame
+    lens_t = _long_tensor(lens, device)  # (L,) one per list
+    uniform = all(k_b == k_max for k_b in inst_per_sample) and all(
+        v_b == v_max for v_b in frames_per_sample)
+    slot_t = (torch.arange(len(lists), device=device) if uniform
+              else _long_tensor([s for r in slots for s in r], device))  # (L,)
+    member_slot = torch.repeat_interleave(slot_t, lens_t)  # (E,)
+    if local.numel():
+        if all(q == q_max for q, _ in list_q):
+            lo, hi = torch.aminmax(local)
+            bad = bool(lo < 0) or bool(hi >= q_max)
+        else:
+            q_of_list = _long_tensor([q for q, k_b in list_q for _ in range(k_b)], device)
+            q_of_entry = torch.repeat_interleave(q_of_list, lens_t)  # (E,)
+            bad = bool(((local < 0) | (local >= q_of_entry)).any())
+        if bad:
+            raise ValueError("ins_masks: expected query indices in [0, Q) of their frame; got an "
+                             "index outside that range")
     counts = torch.zeros(n_frames * k_max, dtype=torch.long, device=device)
     counts[slot_t] = lens_t
-    member_slot = torch.repeat_interleave(slot_t, lens_t)  # (E,)
-    member_frame = torch.div(member_slot, max(k_max, 1), rounding_mode="floor")  # (E,)
-    if local.numel() and bool(((local < 0) | (local >= q_of_frame[member_frame])).any()):
-        raise ValueError("ins_masks: expected query indices in [0, Q) of their frame; got an "
-                         "index outside that range")
-    starts = torch.cumsum(lens_t, 0) - lens_t
-    member_pos = (torch.arange(local.numel(), device=device)
-                  - torch.repeat_interleave(starts, lens_t))  # (E,) position in its list
-    m = int(lens_t.max()) if lens else 0
-    per_frame = counts.view(n_frames, k_max).sum(1) if k_max else counts.new_zeros(n_frames)
-    entry_pos = (torch.arange(local.numel(), device=device)
-                 - (torch.cumsum(per_frame, 0) - per_frame)[member_frame])  # (E,) within frame
-    table = torch.zeros(n_frames * k_max, m, dtype=torch.long, device=device)
-    table[member_slot, member_pos] = entry_pos
-    frame_entries = per_frame[dest_t].tolist()  # entries of each real frame
+    # table[s, i]: the entry start_s + min(i, count_s - 1) -> its query
+    m = max(lens, default=0)
+    starts = torch.zeros_like(counts)
+    starts[slot_t] = torch.cumsum(lens_t, 0) - lens_t
+    steps = torch.arange(m, device=device)
+    entry = starts.view(-1, 1) + torch.minimum(steps.view(1, m),
+                                               (counts.view(-1, 1) - 1).clamp(min=0))  # (F*K, M)
+    table = (local[entry.clamp(max=local.numel() - 1)] if local.numel()
+             else torch.zeros_like(entry))  # (F*K, M); absent instances: any query
+
+    # one dtype for every frame, fp32 at least (CPU autocast cannot cat fp16)
+    dtype = functools.reduce(torch.promote_types, {upcast(f).dtype for sample in merge_feats
+                                                   for f in sample}, torch.float32)
     return _Packed(
-        frames=feats,
-        frame_index=dest,
-        frame_entries=frame_entries,
+        frames=[[f.to(dtype) for f in sample] for sample in merge_feats],
+        max_queries=q_max,
+        dim=d,
         member_slot=member_slot,
         member_query=local,
-        member_row=member_frame * int(per_frame.max() if per_frame.numel() else 0) + entry_pos,
-        max_entries=int(per_frame.max()) if per_frame.numel() else 0,
         table=table.view(n_frames, k_max, m),
         counts=counts.view(num_samples, v_max, k_max),
         num_instances=torch.tensor(inst_per_sample, dtype=torch.long, device=device),
@@ -244,24 +273,82 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
     )
 
 
-def _centres(p: _Packed, members: Tensor, reduce: str) -> Tensor:
-    """Instance centres, the ``"mean"`` or element-wise ``"max"`` of the members' features
-    -> ``(F, K, d)``; zero when the instance is absent.
+def _mean_centres(p: _Packed) -> Tensor:
+    """Instance centres, the mean of the members' features -> ``(B, V, K, d)`` (0 when absent).
 
-    The max is one segment reduction over the entries, which are stored slot by slot; on exact
-    ties its gradient is shared by the tied entries (the released ``max(0)`` gives it to the
-    first one; a query listed twice is the same query either way).
+    One small matmul per frame with its averaging matrix: cheaper, forward and backward, than
+    gathering the members (when nothing else needs them gathered), and no ``(F, Q, d)`` stack
+    of the frames (a 4 MB copy and gradient for a batch).
     """
     b, v, k = p.shape
+    if not any(p.frames):
+        return torch.zeros(b, v, k, p.dim, device=p.counts.device)
+    ref = next(f for sample in p.frames for f in sample)
+    counts = p.counts.view(-1)  # (F*K,)
+    weight = (1.0 / counts.clamp(min=1).to(ref.dtype))[p.member_slot]  # (E,)
+    avg = ref.new_zeros(b * v * k, p.max_queries).index_put_(
+        (p.member_slot, p.member_query), weight, accumulate=True)  # (F*K, Q); repeats add up
+    avg = avg.view(b * v, k, p.max_queries)
+    blank = ref.new_zeros(k, ref.shape[1])
+    centres = []
+    for i, sample in enumerate(p.frames):
+        centres.extend(avg[i * v + t, :, :f.shape[0]] @ f for t, f in enumerate(sample))
+        centres.extend(blank for _ in range(v - len(sample)))
+    return torch.stack(centres).view(b, v, k, ref.shape[1])
+
+
+def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor]:
+    """Instance centres, the mean and the element-wise max of the members' features
+    -> ``(B, V, K, d)`` and ``(F, K, d)``; zero when the instance is absent.
+
+    One gather of the members feeds both (see :class:`_SegmentMax` for ties of the max).
+    """
+    b, v, k = p.shape
+    x = p.feats
+    d = x.shape[-1]
+    if p.member_slot.numel() == 0:
+        zero = x.sum() * 0.0 + x.new_zeros(b * v, k, d)
+        return zero.view(b, v, k, d), zero
+    rows = (torch.div(p.member_slot, k, rounding_mode="floor") * x.shape[1]
+            + p.member_query)  # (E,) row in feats.view(F * Q, d)
+    members = x.view(-1, d).index_select(0, rows)  # (E, d)
     counts = p.counts.view(-1, 1)  # (F*K, 1)
-    if members.shape[0] == 0:
-        return members.sum() * 0.0 + members.new_zeros(b * v, k, members.shape[1])
-    if reduce == "mean":
-        sums = members.new_zeros(b * v * k, members.shape[1]).index_add(0, p.member_slot, members)
-        return (sums / counts.clamp(min=1).to(sums.dtype)).view(b * v, k, members.shape[1])
-    centres = torch.segment_reduce(members, "max", lengths=counts.view(-1), unsafe=True)
-    centres = torch.where(counts > 0, centres, torch.zeros_like(centres))  # (F*K, d)
-    return centres.view(b * v, k, members.shape[1])
+    sums = members.new_zeros(b * v * k, d).index_add(0, p.member_slot, members)
+    mean = sums / counts.clamp(min=1).to(sums.dtype)  # (F*K, d)
+    top = _SegmentMax.apply(members, p.member_slot, b * v * k, int((counts > 0).sum()))
+    return mean.view(b, v, k, d), top.view(b * v, k, d)
+
+
+class _SegmentMax(torch.autograd.Function):
+    """Element-wise max of the rows of each segment, ``(E, d)`` -> ``(S, d)`` (0 when empty).
+
+    A hand-written backward: the generic ``scatter_reduce`` / ``segment_reduce`` one is several
+    times slower than the forward. On exact ties the gradient is shared equally by the tied
+    rows (the released ``max(0)`` gives it to the first one; a query listed twice is the same
+    query either way).
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, segment: Tensor, num_segments: int, num_filled: int
+                ) -> Tensor:
+        index = segment.view(-1, 1).expand_as(values)  # (E, d)
+        out = values.new_zeros(num_segments, values.shape[1]).scatter_reduce_(
+            0, index, values, "amax", include_self=False)  # (S, d)
+        ctx.save_for_backward(values, segment, out)
+        ctx.num_filled = num_filled  # non-empty segments
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        values, segment, out = ctx.saved_tensors
+        # 1.0 where an entry holds its segment's max (a float mask: bool ops are slow on CPU)
+        hit = torch.eq(out.index_select(0, segment), values, out=torch.empty_like(values))
+        # every (non-empty segment, column) has one hit, more only on exact ties
+        if bool(hit.sum(dtype=torch.float64) > ctx.num_filled * values.shape[1]):
+            ties = torch.zeros_like(out).index_add_(0, segment, hit)  # (S, d)
+            grad = grad / ties.clamp(min=1)
+        return hit.mul_(grad.index_select(0, segment)), None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,31 +383,53 @@ def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
         raise ValueError(f"normalize_by: expected 'present' or 'instances', got {normalize_by!r}")
     if normalize_by == "instances" and num_instances is None:
         raise ValueError("num_instances: expected (B,) K_b with normalize_by='instances', got None")
-    bsz, v, k, _ = centres.shape
+    bsz, v, k, d = centres.shape
     if v < 2 or k == 0:
         return centres.sum((1, 2, 3)) * 0.0
-    logits = torch.einsum("btkd,btld->btkl", centres[:, :-1], centres[:, 1:]) / tau  # (B,V-1,K,K)
-    logits = torch.stack([logits, logits.transpose(-1, -2)], 2)  # (B, V-1, 2, K, K)
-    src = torch.stack([present[:, :-1], present[:, 1:]], 2)  # (B, V-1, 2, K) rows' frame
-    dst = torch.stack([present[:, 1:], present[:, :-1]], 2)  # (B, V-1, 2, K) columns' frame
-    row_valid = src & dst  # (B, V-1, 2, K)
-    hide = ~dst.unsqueeze(-2)  # (B, V-1, 2, 1, K) absent columns
+    # frames t and t+1 of the flat (B*V) layout, one bmm; the pairs that straddle two samples
+    # (and the wrap-around one) get no valid row
+    n = bsz * v
+    flat = centres.reshape(n, k, d)
+    following = flat.roll(-1, 0)  # (n, K, d) frame t+1
+    logits = torch.bmm(flat, following.transpose(1, 2)) / tau  # (n, K, K) rows: frame t
+    logits = torch.cat([logits, logits.transpose(1, 2)])  # (2n, K, K) both directions
+    dtype = logits.dtype
+    pres = present.reshape(n, k)
+    pres_next = pres.roll(-1, 0)
+    src = torch.cat([pres, pres_next])  # (2n, K) rows' frame
+    dst = torch.cat([pres_next, pres])  # (2n, K) columns' frame
+    pair = torch.arange(2 * n, device=centres.device) % n  # (2n,) t on the flat layout
+    sample = torch.div(pair, v, rounding_mode="floor")  # (2n,)
+    same_sample = (pair % v != v - 1).view(-1, 1)  # (2n, 1)
+    row_valid = (src & dst & same_sample).to(dtype)  # (2n, K)
+    hide = (~dst).to(dtype).unsqueeze(1)  # (2n, 1, K) absent columns
     if mask_zero_logits:
-        zero = logits == 0
-        row_valid = row_valid & ~zero.diagonal(dim1=-2, dim2=-1)
-        hide = hide | zero
+        zero = _zeros_of(logits)  # (2n, K, K)
+        row_valid = row_valid * (1.0 - zero.diagonal(dim1=1, dim2=2))
+        hide = torch.maximum(hide, zero)
     # Mask on valid rows only: their own column stays finite, and invalid rows (weight 0)
-    # never become all -inf.
-    logits = logits.masked_fill(row_valid.unsqueeze(-1) & hide, float("-inf"))
-    target = torch.arange(k, device=centres.device).expand(bsz, v - 1, 2, k)
-    ce = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1), reduction="none")
-    ce = ce.view(bsz, v - 1, 2, k)
-    w = row_valid.to(ce.dtype)
+    # never become all masked.
+    logits = _masked(logits, hide * row_valid.unsqueeze(-1))
+    target = torch.arange(k, device=centres.device).repeat(2 * n)  # (2n*K,)
+    ce = F.cross_entropy(logits.view(-1, k), target, reduction="none").view(2 * n, k)
     if normalize_by == "present":
-        w = w / w.sum(-1, keepdim=True).clamp(min=1)
+        w = row_valid / row_valid.sum(-1, keepdim=True).clamp(min=1)
     else:
-        w = w / num_instances.to(ce.dtype).clamp(min=1).view(bsz, 1, 1, 1)
-    return (ce * w).sum((1, 2, 3))
+        w = row_valid / num_instances.to(dtype).clamp(min=1)[sample].unsqueeze(1)
+    per_pair = (ce * w).sum(1)  # (2n,)
+    return torch.zeros(bsz, dtype=dtype, device=centres.device).index_add(0, sample, per_pair)
+
+
+def _zeros_of(logits: Tensor) -> Tensor:
+    """1.0 where a logit is exactly 0, else 0.0 (a float mask: bool ops are slow on CPU)."""
+    return torch.eq(logits.detach(), 0, out=torch.empty_like(logits))
+
+
+def _masked(logits: Tensor, hide: Tensor) -> Tensor:
+    """Logits with the entries where ``hide`` is 1.0 (0.0 elsewhere) pushed to the dtype's
+    lowest value: their softmax weight underflows to exactly the 0 of ``-inf``, but a row
+    whose every entry is hidden stays finite. An addition: cheaper than ``masked_fill``."""
+    return logits + hide * torch.finfo(logits.dtype).min
 
 
 def _row_scores(centres: Tensor, feats: Tensor, tau: float) -> Tensor:
@@ -350,7 +459,7 @@ def merge_p2s_infonce_fast(centres: Tensor, feats: Tensor, table: Tensor, counts
     Args:
         centres: ``(F, K, d)`` element-wise max of each instance's member features.
         feats: ``(F, R, d)`` per frame, the feature rows ``table`` points into: the frame's
-            queries, or (as the criteria pass them, to skip non-members) its member entries.
+            queries (as the criteria pass them), or its member entries.
         table: ``(F, K, M)`` row in ``feats`` of the i-th member of instance k (padding: any
             row in ``[0, R)``).
         counts: ``(F, K)`` members per instance.
@@ -363,26 +472,38 @@ def merge_p2s_infonce_fast(centres: Tensor, feats: Tensor, table: Tensor, counts
     """
     nf, k = counts.shape
     m = table.shape[-1]
-    if k == 0 or m == 0 or feats.shape[1] == 0:
+    n_rows = feats.shape[1]
+    if k == 0 or m == 0 or n_rows == 0:
         return centres.sum((1, 2)) * 0.0 + feats.sum((1, 2)) * 0.0
     scores = _row_scores(centres, feats, tau)  # (F, R, K_r)
     steps = torch.arange(m, device=counts.device)
     # the i-th member of instance c, or its last one for shorter lists
     pos = torch.minimum(steps.view(1, 1, m), (counts.unsqueeze(-1) - 1).clamp(min=0))  # (F,K_c,M)
-    row = table.gather(2, pos).transpose(1, 2).reshape(nf, m * k, 1)  # (F, M*K_c, 1)
-    logits = scores.gather(1, row.expand(nf, m * k, k)).view(nf, m, k, k)  # (F, M, K_c, K_r)
+    member = table.gather(2, pos).transpose(1, 2)  # (F, M, K_c) row in feats
     present = counts > 0  # (F, K)
     num_steps = counts.max(1).values  # (F,) M_f
-    row_valid = present.view(nf, 1, k) & (steps.view(1, m, 1) < num_steps.view(nf, 1, 1))
-    hide = ~present.view(nf, 1, k, 1)  # (F, 1, K_c, 1) absent columns
+    # only the rows that can count: (frame f, step i < M_f, present instance r) -> (N,) each
+    f, i, r = (present.view(nf, 1, k) & (steps.view(1, m, 1) < num_steps.view(nf, 1, 1))
+               ).nonzero(as_tuple=True)
+    # logits[n, c] = scores[f, member[f, i, c], r], one gather from the flat scores
+    base = (member + (torch.arange(nf, device=counts.device) * n_rows).view(nf, 1, 1)) * k
+    flat = base.reshape(nf * m, k).index_select(0, f * m + i) + r.unsqueeze(1)  # (N, K_c)
+    logits = scores.reshape(-1).index_select(0, flat.view(-1)).view(-1, k)  # (N, K_c)
+    # float masks throughout (bool tensors take a slow path on CPU)
+    hide = (~present).to(logits.dtype).index_select(0, f)  # (N, K_c) absent columns
+    row_valid = torch.ones_like(r, dtype=logits.dtype)  # (N,)
     if mask_zero_logits:
-        zero = logits == 0
-        row_valid = row_valid & ~zero.diagonal(dim1=2, dim2=3)  # (F, M, K_r)
-        hide = hide | zero
-    ce = _rows_ce(logits.masked_fill(hide & row_valid.unsqueeze(2), float("-inf")))  # (F,M,K_r)
-    w = row_valid.to(ce.dtype)
-    w = w / (w.sum(2, keepdim=True).clamp(min=1) * num_steps.clamp(min=1).view(nf, 1, 1))
-    return (ce * w).sum((1, 2))
+        zero = _zeros_of(logits)  # (N, K_c)
+        row_valid = 1.0 - zero.gather(1, r.unsqueeze(1)).squeeze(1)  # own logit non-zero
+        # on valid rows a zero column counts as absent; invalid rows (weight 0) keep their own
+        # column and stay finite
+        hide = torch.maximum(hide, zero * row_valid.unsqueeze(1))
+    ce = F.cross_entropy(_masked(logits, hide), r, reduction="none")  # (N,)
+    # mean over the valid rows of each step, mean over the M_f steps
+    step = f * m + i  # (N,)
+    per_step = torch.zeros(nf * m, dtype=ce.dtype, device=ce.device).index_add_(0, step, row_valid)
+    w = row_valid / (per_step[step].clamp(min=1) * num_steps[f].clamp(min=1))  # (N,)
+    return torch.zeros(nf, dtype=ce.dtype, device=ce.device).index_add(0, f, ce * w)
 
 
 def merge_p2s_infonce_seal(centres: Tensor, feats: Tensor, table: Tensor, counts: Tensor,
@@ -396,7 +517,7 @@ def merge_p2s_infonce_seal(centres: Tensor, feats: Tensor, table: Tensor, counts
     Args:
         centres: ``(F, K, d)`` element-wise max of each instance's member features.
         feats: ``(F, R, d)`` per frame, the feature rows ``table`` points into: the frame's
-            queries, or (as the criteria pass them, to skip non-members) its member entries.
+            queries (as the criteria pass them), or its member entries.
         table: ``(F, K, M)`` row in ``feats`` of the i-th member of instance k (padding: any
             row in ``[0, R)``).
         counts: ``(F, K)`` members per instance.
@@ -544,22 +665,22 @@ class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
             ins_masks: ``ins_masks[b][v][k]`` 1-D query indices of instance k.
         """
         p = _pack(merge_feats, ins_masks)
-        with torch.autocast(p.table.device.type, enabled=False):  # fp32 math
+        with torch.autocast(p.counts.device.type, enabled=False):  # fp32 math
             b, v, k = p.shape
-            members = p.member_feats()  # (E, d)
-            d = members.shape[1]
+            if self.p2s:
+                centres, top = _mean_and_max_centres(p)  # (B, V, K, d), (F, K, d)
+            else:
+                centres = _mean_centres(p)  # (B, V, K, d)
             out: dict[str, Tensor] = {}
             loss = 0.0
             if self.tmp:
-                centres = _centres(p, members, "mean").view(b, v, k, d)  # (B, V, K, d)
                 tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau,
                                         mask_zero_logits=self.mask_zero_logits).mean()
                 out["loss_merge_tmp"] = tmp
                 loss = loss + self.tmp_weight * tmp
             if self.p2s:
                 per_frame = merge_p2s_infonce_fast(
-                    _centres(p, members, "max"), p.entry_grid(members), p.table,
-                    p.counts.view(b * v, k), self.p2s_tau,
+                    top, p.feats, p.table, p.counts.view(b * v, k), self.p2s_tau,
                     mask_zero_logits=self.mask_zero_logits)  # (F,)
                 p2s = per_frame.view(b, v).sum(1).mean()
                 out["loss_merge_p2s"] = p2s
@@ -612,10 +733,9 @@ class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
             generator: generator for the draw when ``negatives`` is None.
         """
         p = _pack(merge_feats, ins_masks)
-        with torch.autocast(p.table.device.type, enabled=False):  # fp32 math
+        with torch.autocast(p.counts.device.type, enabled=False):  # fp32 math
             b, v, k = p.shape
-            members = p.member_feats()  # (E, d)
-            centres = _centres(p, members, "mean").view(b, v, k, members.shape[1])  # (B,V,K,d)
+            centres, top = _mean_and_max_centres(p)  # (B, V, K, d), (F, K, d)
             tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau, normalize_by="instances",
                                     num_instances=p.num_instances).mean()
             counts = p.counts.view(b * v, k)
@@ -624,7 +744,7 @@ class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
             else:
                 neg = _draw_negatives(counts, p.table.shape[-1], generator)
             per_frame = merge_p2s_infonce_seal(
-                _centres(p, members, "max"), p.entry_grid(members), p.table, counts, neg,
+                top, p.feats, p.table, counts, neg,
                 p.num_instances.repeat_interleave(v), self.p2s_tau)  # (F,)
             p2s = per_frame.view(b, v).sum(1).mean()
             loss = self.tmp_weight * tmp + self.p2s_weight * p2s

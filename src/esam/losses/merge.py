@@ -344,8 +344,10 @@ class _SegmentMax(torch.autograd.Function):
         values, segment, out = ctx.saved_tensors
         # 1.0 where an entry holds its segment's max (a float mask: bool ops are slow on CPU)
         hit = torch.eq(out.index_select(0, segment), values, out=torch.empty_like(values))
-        # every (non-empty segment, column) has one hit, more only on exact ties
-        if bool(hit.sum(dtype=torch.float64) > ctx.num_filled * values.shape[1]):
+        # every (non-empty segment, column) has one hit, more only on exact ties; the test is
+        # a host sync, so only the CPU (where it is free) skips the division when nothing ties
+        if values.device.type != "cpu" or bool(
+                hit.sum(dtype=torch.float64) > ctx.num_filled * values.shape[1]):
             ties = torch.zeros_like(out).index_add_(0, segment, hit)  # (S, d)
             grad = grad / ties.clamp(min=1)
         return hit.mul_(grad.index_select(0, segment)), None, None, None

@@ -51,7 +51,11 @@ def make_inputs(batch: int = 4, frames: int = 8, queries: int = 128, dim: int = 
 
 def _time(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], repeats: int
           ) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds of forward + backward."""
+    """Median (wall, process CPU) seconds of forward + backward, after one untimed warm-up
+    (first calls page-fault their buffers in)."""
+    for leaf in leaves:
+        leaf.grad = None
+    fn().backward()
     wall, cpu = [], []
     for _ in range(repeats):
         for leaf in leaves:

@@ -342,8 +342,9 @@ class _SegmentMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         values, segment, out = ctx.saved_tensors
-        # 1.0 where an entry holds its segment's max (a float mask: bool ops are slow on CPU)
-        hit = torch.eq(out.index_select(0, segment), values, out=torch.empty_like(values))
+        # 1.0 where an entry holds its segment's max, as 1 - sign(|max - x|): float ops only
+        # (a comparison's bool result costs a slow conversion on CPU)
+        hit = out.index_select(0, segment).sub_(values).abs_().sign_().neg_().add_(1)  # (E, d)
         # every (non-empty segment, column) has one hit, more only on exact ties; the test is
         # a host sync, so only the CPU (where it is free) skips the division when nothing ties
         if values.device.type != "cpu" or bool(

@@ -198,11 +198,12 @@ class InstanceMasks:
             ``(pair (T,), flat (T,))``.
         """
         positions, starts, counts = self.members()
-        n = counts[instance_idx]  # (A,)
-        pair = torch.repeat_interleave(torch.arange(len(instance_idx), device=n.device), n)
-        first = torch.cumsum(n, 0) - n  # (A,) offset of each pair's first member in the list
-        within = torch.arange(len(pair), device=n.device) - first[pair]
-        flat = rows[pair] * row_stride + positions[starts[instance_idx][pair] + within]
+        n = counts.index_select(0, instance_idx)  # (A,)
+        pair = torch.repeat_interleave(n)  # (T,) 0 n[0] times, 1 n[1] times, ...
+        # member j of the output list is positions[starts[k_a] + (j - first_a)]
+        shift = starts.index_select(0, instance_idx) - (torch.cumsum(n, 0) - n)  # (A,)
+        src = torch.arange(len(pair), device=n.device) + shift.index_select(0, pair)
+        flat = positions.index_select(0, src) + (rows * row_stride).index_select(0, pair)
         return pair, flat
 
     def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:

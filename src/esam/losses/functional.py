@@ -115,6 +115,19 @@ def class_cost(cls_logits: Tensor, labels: Tensor,
 _SWEEP_BLOCK = 1 << 18  # elements per block of `MaskSums._sweep` (1 MB in float32)
 
 
+def _pair_totals(values: Tensor, gt: InstanceMasks, instance_idx: Tensor) -> Tensor:
+    """Sum of ``values (T,)``, laid out as `InstanceMasks.pair_positions` lists the members of
+    pairs with instances ``instance_idx (A,)``, over each pair -> ``(A,)`` (no gradient).
+
+    Each pair's members are contiguous, so this is a segment reduction over known lengths:
+    several times faster than an ``index_add_`` of T values into A bins.
+    """
+    if len(instance_idx) == 0:
+        return values.new_zeros(0)
+    lengths = gt.members()[2].index_select(0, instance_idx)  # (A,)
+    return torch.segment_reduce(values, "sum", lengths=lengths)
+
+
 class MaskSums:
     """Sums over one sample's ``(Q, P)`` mask logits shared by the mask costs and losses.
 
@@ -230,8 +243,8 @@ class MaskSums:
         """``(R, K)`` inside sums at ``pairs`` (zeros elsewhere) from one gather of members."""
         x = self.logits
         row, inst = self.pairs
-        pair, flat = self.gt.pair_positions(row, inst, x.shape[1])
-        vals = x.reshape(-1)[flat]  # (T,) logits at every member of every pair
+        _, flat = self.gt.pair_positions(row, inst, x.shape[1])
+        vals = torch.take(x, flat)  # (T,) logits at every member of every pair
         probs = vals.sigmoid() if names & {"probs", "positive"} else None
         out = {}
         for n in ("logits", "probs", "positive"):
@@ -239,7 +252,7 @@ class MaskSums:
                 v = {"logits": vals, "probs": probs}.get(n)
                 if v is None:
                     v = (probs >= 0.5).to(x.dtype)
-                per_pair = x.new_zeros(len(row)).index_add_(0, pair, v)  # (A,)
+                per_pair = _pair_totals(v, self.gt, inst)  # (A,)
                 out[n] = x.new_zeros(x.shape[0], len(self.gt)).index_put_((row, inst), per_pair)
         return out
 
@@ -479,7 +492,7 @@ class _MatchedMaskLoss(torch.autograd.Function):
             grad_rows = torch.addcmul(a + per_row(gamma), q, a, value=-1).mul_(q)
         grad = x.new_zeros(x.shape).index_copy_(0, rows, grad_rows)
         pair, flat = ctx.gt.pair_positions(query_idx, gt_idx, p)
-        qm = x.reshape(-1)[flat].sigmoid_()  # (T,) q at every member of every pair
+        qm = torch.take(x, flat).sigmoid_()  # (T,) q at every member of every pair
         member = torch.addcmul(gamma[pair], qm - qm * qm, beta[pair])  # (T,)
         grad.view(-1).index_add_(0, flat, member, alpha=-1)
         return (grad.to(ctx.logits_dtype),) + (None,) * 10
@@ -513,9 +526,8 @@ def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
         def pair_sum(fn) -> Tensor:  # sum of fn(logits) over each pair's mask members, (M,)
             nonlocal members
             if members is None:
-                pair, flat = gt.pair_positions(query_idx, gt_idx, p)
-                members = pair, x.reshape(-1)[flat]  # (T,) logits at every member of every pair
-            return x.new_zeros(len(query_idx)).index_add_(0, members[0], fn(members[1]))
+                members = torch.take(x, gt.pair_positions(query_idx, gt_idx, p)[1])  # (T,)
+            return _pair_totals(fn(members), gt, gt_idx)
 
         rows = inverse = xr = None
         if sums is not None:

@@ -166,7 +166,8 @@ class InstanceMasks:
         """Positions of every instance, grouped by instance (cached).
 
         Returns:
-            ``(positions (E,), starts (K,), counts (K,))``: the positions of instance k are
+            ``(positions (E,), starts (K,), counts (K,))`` (positions int32 when they fit, else
+            int64; the others int64): the positions of instance k are
             ``positions[starts[k] : starts[k] + counts[k]]``, in increasing order; E is the
             number of (instance, position) memberships.
         """
@@ -182,6 +183,8 @@ class InstanceMasks:
                 positions = order[counts[0]:]
                 counts = counts[1:]
             starts = torch.cumsum(counts, 0) - counts
+            if self.num_positions < 2**31:
+                positions = positions.int()
             self._cache["members"] = (positions, starts, counts)
         return self._cache["members"]
 
@@ -195,15 +198,20 @@ class InstanceMasks:
         a pass over all P positions per pair.
 
         Returns:
-            ``(pair (T,), flat (T,))``.
+            ``(pair (T,), flat (T,))``: ``pair`` int32 or int64 (as the positions), ``flat``
+            int64.
         """
         positions, starts, counts = self.members()
+        # int32 intermediates where the positions allow (half the memory: T is ~R*P/K)
+        small = positions.dtype == torch.int32
         n = counts.index_select(0, instance_idx)  # (A,)
-        pair = torch.repeat_interleave(n)  # (T,) 0 n[0] times, 1 n[1] times, ...
+        pair = torch.repeat_interleave(n.int() if small else n)  # (T,) a, n[a] times
         # member j of the output list is positions[starts[k_a] + (j - first_a)]
-        shift = starts.index_select(0, instance_idx) - (torch.cumsum(n, 0) - n)  # (A,)
-        src = torch.arange(len(pair), device=n.device) + shift.index_select(0, pair)
-        flat = positions.index_select(0, src) + (rows * row_stride).index_select(0, pair)
+        shift = (starts.index_select(0, instance_idx) - (torch.cumsum(n, 0) - n)).to(pair.dtype)
+        src = shift.index_select(0, pair).add_(
+            torch.arange(len(pair), device=n.device, dtype=pair.dtype))
+        flat = (rows * row_stride).index_select(0, pair)  # (T,) int64
+        flat += positions.index_select(0, src)
         return pair, flat
 
     def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:

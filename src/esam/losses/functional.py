@@ -181,17 +181,20 @@ class MaskSums:
         return self._get("probs", self.logits.sigmoid)
 
     def prefetch(self, *names: str) -> MaskSums:
-        """Compute the sums of several of ``"softplus"`` (row totals), ``"logits"``, ``"probs"``
-        (inside sums and row totals) and ``"probs_sq"`` (row totals) in one sweep.
+        """Compute the sums of several of ``"softplus"`` (row totals), ``"logits"`` (inside
+        sums), ``"probs"`` (inside sums and row totals) and ``"probs_sq"`` (row totals) in one
+        sweep.
 
         The sweep walks blocks of columns small enough to stay in cache, so neither
         ``softplus(x)`` nor ``sigmoid(x)`` is ever materialised at ``(R, P)``: a 20k-point layer
         would otherwise allocate (and page-fault in) 10 MB per temporary.
         """
-        todo = [n for n in dict.fromkeys(names) if "total_" + n not in self._cache]
-        unknown = set(todo) - {"softplus", "logits", "probs", "probs_sq"}
+        done = {"softplus": "total_softplus", "logits": "inside_logits",
+                "probs": "total_probs", "probs_sq": "total_probs_sq"}
+        unknown = set(names) - set(done)
         if unknown:
             raise ValueError(f"prefetch: unknown sum(s) {sorted(unknown)}")
+        todo = [n for n in dict.fromkeys(names) if done[n] not in self._cache]
         if todo:
             with torch.no_grad(), torch.autocast(self.logits.device.type, enabled=False):
                 self._sweep(todo)
@@ -202,18 +205,15 @@ class MaskSums:
         r, p = x.shape
         k = len(self.gt)
         want = set(names)
-        # softplus(x) = relu(x) - log(max(q, 1 - q)): reuses q = sigmoid(x), and relu's row sum
-        # is (sum x + sum |x|) / 2, so the only extra transcendental per element is a log
+        # softplus(x) = relu(x) - log(max(q, 1 - q)): reuses q = sigmoid(x), so the only extra
+        # transcendental per element is a log
         need_q = bool(want & {"softplus", "probs", "probs_sq"})
-        need_x = bool(want & {"softplus", "logits"})
         gemm = self.pairs is None
-        totals = {n: x.new_zeros(r) for n in ("x", "abs", "logmax", "probs", "probs_sq")}
+        totals = {n: x.new_zeros(r) for n in ("relu", "logmax", "probs", "probs_sq")}
         inside_t = {n: x.new_zeros(k, r) for n in want & {"logits", "probs"}} if gemm else {}
         step = max(p, 1) if p * r <= _SWEEP_BLOCK else max(256, _SWEEP_BLOCK // max(r, 1))
         for start in range(0, p, step):
             xc = x[:, start:start + step]
-            if need_x:
-                totals["x"] += xc.sum(1)
             if "logits" in inside_t:
                 self.gt.segment_accumulate(inside_t["logits"], xc, start)
             if need_q:
@@ -225,13 +225,12 @@ class MaskSums:
                 if "probs_sq" in want:
                     totals["probs_sq"] += (qc * qc).sum(1)
                 if "softplus" in want:  # q is not needed again: in place
-                    totals["abs"] += xc.abs().sum(1)
+                    totals["relu"] += xc.clamp(min=0).sum(1)
                     totals["logmax"] += qc.sub_(0.5).abs_().add_(0.5).log_().sum(1)
-        if "softplus" in want:
-            totals["softplus"] = (totals["x"] + totals["abs"]) * 0.5 - totals["logmax"]
-        totals["logits"] = totals["x"]
+        totals["softplus"] = totals["relu"] - totals["logmax"]
         for n in names:
-            self._cache["total_" + n] = totals[n].unsqueeze(1)
+            if n != "logits":
+                self._cache["total_" + n] = totals[n].unsqueeze(1)
             if n in inside_t:
                 self._cache["inside_" + n] = inside_t[n].T
         if not gemm and want & {"logits", "probs"}:
@@ -276,6 +275,8 @@ class MaskSums:
 
     def total(self, name: str) -> Tensor:
         """``(R, 1)`` row sums of ``"logits"``, ``"probs"``, ``"probs_sq"`` or ``"softplus"``."""
+        if name == "logits":  # no cost reads it: one pass of its own when asked
+            return self._get("total_logits", lambda: self.logits.sum(1, keepdim=True))
         return self.prefetch(name)._cache["total_" + name]
 
     def gt_sizes(self) -> Tensor:
@@ -493,7 +494,8 @@ class _MatchedMaskLoss(torch.autograd.Function):
         grad = x.new_zeros(x.shape).index_copy_(0, rows, grad_rows)
         pair, flat = ctx.gt.pair_positions(query_idx, gt_idx, p)
         qm = torch.take(x, flat).sigmoid_()  # (T,) q at every member of every pair
-        member = torch.addcmul(gamma[pair], qm - qm * qm, beta[pair])  # (T,)
+        member = torch.addcmul(gamma.index_select(0, pair), qm - qm * qm,
+                               beta.index_select(0, pair))  # (T,)
         grad.view(-1).index_add_(0, flat, member, alpha=-1)
         return (grad.to(ctx.logits_dtype),) + (None,) * 10
 

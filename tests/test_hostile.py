@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from esam.config import (CrossFrameConfig, ESAMLossConfig, LossWeights, MatcherC
                          MergeConfig, config_from_dict)
 from esam.losses import ESAMCriterion
 from esam.losses import functional as LF
+from esam.losses import matcher as matcher_module
 from esam.losses.cross_frame import CrossFrameCriterion
 from esam.losses.matcher import HungarianMatcher, SparseMatcher, build_costs
 from esam.losses.merge import (MergeCECriterion, ScanNetMergeCriterion_Fast,
@@ -507,6 +509,26 @@ def test_matched_normalisation_is_the_pair_weighted_mean_of_single_samples(spec)
 def test_id_and_dense_ground_truth_give_equal_losses(spec):
     crit = ESAMCriterion(batch_config(spec))
     assert_same_terms(crit(*build_batch(spec)), crit(*build_batch(spec, dense=True)))
+
+
+@settings(HOSTILE, max_examples=50)
+@given(spec=batch_specs(with_options=True, dtypes=(torch.float64,)))
+def test_sparse_matching_by_gathered_pairs_equals_gemm_sums(spec):
+    # the sparse matcher's two ways to get per-instance sums: same terms, same gradients
+    def run(pairs: bool):
+        preds, targets = build_batch(spec)
+        with mock.patch.object(matcher_module, "_PAIR_MODE_MIN_WORK", 0 if pairs else math.inf), \
+                mock.patch.object(matcher_module, "_PAIR_MODE_MAX_FRACTION",
+                                  math.inf if pairs else 0):
+            out = ESAMCriterion(batch_config(spec))(preds, targets)
+        out["loss"].backward()
+        return out, [t.grad for _, t in prediction_leaves(preds)]
+    (a, grads_a), (b, grads_b) = run(True), run(False)
+    assert_same_terms(a, b)
+    for x, y in zip(grads_a, grads_b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
 
 
 @settings(HOSTILE, max_examples=25)

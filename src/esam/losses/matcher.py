@@ -34,6 +34,8 @@ MatchIndices = tuple[Tensor, Tensor]
 # Below this many multiply-adds (R * P * K) a layer's inside sums run as a GEMM even when the
 # sparse matcher could gather its allowed pairs' members instead: the GEMM is one op.
 _PAIR_MODE_MIN_WORK = 1 << 22
+# ... and above this many gathered members per (row, position) the GEMM is cheaper again.
+_PAIR_MODE_MAX_FRACTION = 0.25
 
 
 class CostTerm:
@@ -249,7 +251,7 @@ class SparseMatcher(_Matcher):
             return None  # the GEMM is cheap: fewer ops than gathering
         row_inst = torch.argwhere(allowed)  # (A, 2)
         members = int(masks.members()[2][row_inst[:, 1]].sum())
-        if 4 * members > allowed.shape[0] * positions:
+        if members > _PAIR_MODE_MAX_FRACTION * allowed.shape[0] * positions:
             return None
         return row_inst[:, 0], row_inst[:, 1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import esam.structures as structures
 from esam.structures import InstanceMasks, check_finite
 
 
@@ -67,3 +68,15 @@ def test_pair_positions_enumerate_every_member_of_every_pair(encoding):
     assert list(zip(pair.tolist(), flat.tolist())) == expected
     empty = masks.pair_positions(rows[:0], inst[:0], 9)
     assert empty[0].shape == empty[1].shape == (0,)
+
+
+@pytest.mark.parametrize("encoding", ["ids", "dense"])
+def test_pair_positions_are_the_same_with_int64_indices(encoding, monkeypatch):
+    rows, inst = torch.tensor([0, 3, 3, 1, 2]), torch.tensor([2, 0, 3, 3, 1])
+    small = _masks(encoding)[0].pair_positions(rows, inst, row_stride=9)
+    monkeypatch.setattr(structures, "_INT32_LIMIT", 0)  # as if an index could overflow int32
+    masks = _masks(encoding)[0]
+    assert masks.members()[0].dtype == torch.int64
+    wide = masks.pair_positions(rows, inst, row_stride=9)
+    assert wide[0].dtype == wide[1].dtype == torch.int64 and small[0].dtype == torch.int32
+    assert torch.equal(wide[0], small[0].long()) and torch.equal(wide[1], small[1])

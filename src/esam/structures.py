@@ -20,6 +20,8 @@ MaskLevel = Literal["point", "superpoint"]
 
 # Up to this many instances, segment sums run as one GEMM against cached float masks.
 _GEMM_MAX_SEGMENTS = 64
+# Index tensors below this size and range are int32 (half the memory of int64).
+_INT32_LIMIT = 2**31
 
 __all__ = [
     "InstanceMasks",
@@ -183,7 +185,7 @@ class InstanceMasks:
                 positions = order[counts[0]:]
                 counts = counts[1:]
             starts = torch.cumsum(counts, 0) - counts
-            if self.num_positions < 2**31:
+            if self.num_positions < _INT32_LIMIT:
                 positions = positions.int()
             self._cache["members"] = (positions, starts, counts)
         return self._cache["members"]
@@ -193,19 +195,20 @@ class InstanceMasks:
         """Flat indices of the members of given (row, instance) pairs in a ``(R, P)`` tensor.
 
         For pairs ``a`` with row ``rows[a]`` and instance ``instance_idx[a]``, lists every
-        ``(a, rows[a] * row_stride + i)`` with position i in that instance, so a sum over each
-        pair's mask is one gather and one ``index_add`` of ``sum_a |g_a|`` elements instead of
-        a pass over all P positions per pair.
+        ``(a, rows[a] * row_stride + i)`` with position i in that instance, pair by pair, so a
+        sum over each pair's mask is one gather and one segment reduction of ``sum_a |g_a|``
+        elements instead of a pass over all P positions per pair.
 
         Returns:
-            ``(pair (T,), flat (T,))``: ``pair`` int32 or int64 (as the positions), ``flat``
-            int64.
+            ``(pair (T,), flat (T,))``: ``pair`` int32 (int64 when an index could overflow
+            it), ``flat`` int64.
         """
         positions, starts, counts = self.members()
-        # int32 intermediates where the positions allow (half the memory: T is ~R*P/K)
-        small = positions.dtype == torch.int32
         n = counts.index_select(0, instance_idx)  # (A,)
-        pair = torch.repeat_interleave(n.int() if small else n)  # (T,) a, n[a] times
+        total = int(n.sum())  # T (the output size, known once)
+        # int32 intermediates where every index fits (half the memory: T is ~R*P/K)
+        small = positions.dtype == torch.int32 and max(total, len(positions)) < _INT32_LIMIT
+        pair = torch.repeat_interleave(n.int() if small else n, output_size=total)  # (T,)
         # member j of the output list is positions[starts[k_a] + (j - first_a)]
         shift = (starts.index_select(0, instance_idx) - (torch.cumsum(n, 0) - n)).to(pair.dtype)
         src = shift.index_select(0, pair).add_(

@@ -212,7 +212,7 @@ class MaskSums:
         totals = {n: x.new_zeros(r) for n in ("relu", "logmax", "probs", "probs_sq")}
         inside_t = {n: x.new_zeros(k, r) for n in want & {"logits", "probs"}} if gemm else {}
         step = max(p, 1) if p * r <= _SWEEP_BLOCK else max(256, _SWEEP_BLOCK // max(r, 1))
-        for start in range(0, p, step):
+        for start in range(0, p if need_q or inside_t else 0, step):
             xc = x[:, start:start + step]
             if "logits" in inside_t:
                 self.gt.segment_accumulate(inside_t["logits"], xc, start)

@@ -244,15 +244,15 @@ class MaskSums:
         row, inst = self.pairs
         _, flat = self.gt.pair_positions(row, inst, x.shape[1])
         vals = torch.take(x, flat)  # (T,) logits at every member of every pair
-        probs = vals.sigmoid() if names & {"probs", "positive"} else None
+        names = {n for n in names if "inside_" + n not in self._cache}
+        values = {"logits": vals}
+        if names & {"probs", "positive"}:
+            values["probs"] = vals.sigmoid()
+            values["positive"] = (values["probs"] >= 0.5).to(x.dtype)
         out = {}
-        for n in ("logits", "probs", "positive"):
-            if n in names and "inside_" + n not in self._cache:
-                v = {"logits": vals, "probs": probs}.get(n)
-                if v is None:
-                    v = (probs >= 0.5).to(x.dtype)
-                per_pair = _pair_totals(v, self.gt, inst)  # (A,)
-                out[n] = x.new_zeros(x.shape[0], len(self.gt)).index_put_((row, inst), per_pair)
+        for n in names:
+            per_pair = _pair_totals(values[n], self.gt, inst)  # (A,)
+            out[n] = x.new_zeros(x.shape[0], len(self.gt)).index_put_((row, inst), per_pair)
         return out
 
     def pair_positive(self, query_idx: Tensor, gt_idx: Tensor) -> Tensor | None:

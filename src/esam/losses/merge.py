@@ -342,13 +342,17 @@ class _SegmentMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         values, segment, out = ctx.saved_tensors
-        # 1.0 where an entry holds its segment's max, as 1 - sign(|max - x|): float ops only
-        # (a comparison's bool result costs a slow conversion on CPU)
-        hit = out.index_select(0, segment).sub_(values).abs_().sign_().neg_().add_(1)  # (E, d)
+        # 1.0 where an entry holds its segment's max: a comparison written straight into the
+        # float buffer of the gathered maxima (a bool result costs a slow conversion on CPU)
+        hit = out.index_select(0, segment)  # (E, d)
+        torch.eq(hit, values, out=hit)
         # every (non-empty segment, column) has one hit, more only on exact ties; the test is
-        # a host sync, so only the CPU (where it is free) skips the division when nothing ties
+        # a host sync, so only the CPU (where it is free) skips the division when nothing ties.
+        # A float32 sum of 0/1 values is exact below 2**24 elements.
+        exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
         if values.device.type != "cpu" or bool(
-                hit.sum(dtype=torch.float64) > ctx.num_filled * values.shape[1]):
+                (hit.sum() if exact else hit.sum(dtype=torch.float64))
+                > ctx.num_filled * values.shape[1]):
             ties = torch.zeros_like(out).index_add_(0, segment, hit)  # (S, d)
             grad = grad / ties.clamp(min=1)
         return hit.mul_(grad.index_select(0, segment)), None, None, None

@@ -308,15 +308,45 @@ def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor]:
     d = x.shape[-1]
     if p.member_slot.numel() == 0:
         zero = x.sum() * 0.0 + x.new_zeros(b * v, k, d)
-        return zero.view(b, v, k, d), zero
+        return zero.view(b, v, k, d), zero, x
     rows = (torch.div(p.member_slot, k, rounding_mode="floor") * x.shape[1]
             + p.member_query)  # (E,) row in feats.view(F * Q, d)
-    members = x.view(-1, d).index_select(0, rows)  # (E, d)
+    members, rows_view = _GatherRows.apply(x.view(-1, d), rows)  # (E, d), (F*Q, d)
     counts = p.counts.view(-1, 1)  # (F*K, 1)
     sums = members.new_zeros(b * v * k, d).index_add(0, p.member_slot, members)
     mean = sums / counts.clamp(min=1).to(sums.dtype)  # (F*K, d)
     top = _SegmentMax.apply(members, p.member_slot, b * v * k, int((counts > 0).sum()))
-    return mean.view(b, v, k, d), top.view(b * v, k, d)
+    return mean.view(b, v, k, d), top.view(b * v, k, d), rows_view.view_as(x)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``(x[rows], x)``: a row gather that also hands its input on, so that both uses of x
+    share one gradient buffer.
+
+    Autograd would sum the gather's gradient (zeros plus an ``index_add``) and that of the
+    other use of x (here the point-to-segment scores' bmm) in two ``x``-sized passes; this
+    backward adds the gathered rows' gradient straight into the other one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(rows)
+        ctx.shape = x.shape
+        return x.index_select(0, rows), x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_rows: Tensor | None, g_x: Tensor | None) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        if g_x is None:
+            grad = torch.zeros(ctx.shape, dtype=g_rows.dtype, device=g_rows.device)
+        elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:
+            grad = g_x  # a fresh buffer of the engine's: added into in place
+        else:
+            grad = g_x.contiguous().clone()
+        if g_rows is not None:
+            grad.index_add_(0, rows, g_rows)
+        return grad, None
 
 
 class _SegmentMax(torch.autograd.Function):
@@ -675,7 +705,7 @@ class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
         with torch.autocast(p.counts.device.type, enabled=False):  # fp32 math
             b, v, k = p.shape
             if self.p2s:
-                centres, top = _mean_and_max_centres(p)  # (B, V, K, d), (F, K, d)
+                centres, top, feats = _mean_and_max_centres(p)  # (B,V,K,d), (F,K,d), (F,Q,d)
             else:
                 centres = _mean_centres(p)  # (B, V, K, d)
             out: dict[str, Tensor] = {}
@@ -687,7 +717,7 @@ class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
                 loss = loss + self.tmp_weight * tmp
             if self.p2s:
                 per_frame = merge_p2s_infonce_fast(
-                    top, p.feats, p.table, p.counts.view(b * v, k), self.p2s_tau,
+                    top, feats, p.table, p.counts.view(b * v, k), self.p2s_tau,
                     mask_zero_logits=self.mask_zero_logits)  # (F,)
                 p2s = per_frame.view(b, v).sum(1).mean()
                 out["loss_merge_p2s"] = p2s
@@ -742,7 +772,7 @@ class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
         p = _pack(merge_feats, ins_masks)
         with torch.autocast(p.counts.device.type, enabled=False):  # fp32 math
             b, v, k = p.shape
-            centres, top = _mean_and_max_centres(p)  # (B, V, K, d), (F, K, d)
+            centres, top, feats = _mean_and_max_centres(p)  # (B,V,K,d), (F,K,d), (F,Q,d)
             tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau, normalize_by="instances",
                                     num_instances=p.num_instances).mean()
             counts = p.counts.view(b * v, k)
@@ -751,7 +781,7 @@ class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
             else:
                 neg = _draw_negatives(counts, p.table.shape[-1], generator)
             per_frame = merge_p2s_infonce_seal(
-                top, p.feats, p.table, counts, neg,
+                top, feats, p.table, counts, neg,
                 p.num_instances.repeat_interleave(v), self.p2s_tau)  # (F,)
             p2s = per_frame.view(b, v).sum(1).mean()
             loss = self.tmp_weight * tmp + self.p2s_weight * p2s

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from esam.losses import fused
 from esam.structures import InstanceMasks
 
 Reduction = Literal["none", "mean", "sum"]
@@ -200,7 +201,39 @@ class MaskSums:
                 self._sweep(todo)
         return self
 
+    def _fused_rows(self) -> Tensor | None:
+        """``(R,)`` the instance of each row's pair when the fused kernels apply (ids masks,
+        at most one pair per row, a large CPU layer); None otherwise."""
+        if self.pairs is None or self.gt.ids is None or not fused.applies(self.logits):
+            return None
+        row, inst = self.pairs
+        r = self.logits.shape[0]
+        if len(row) and int(torch.bincount(row, minlength=r).max()) > 1:
+            return None
+        return torch.full((r,), fused.NO_INSTANCE, dtype=self.gt.ids.dtype,
+                          device=row.device).index_put_((row,), inst.to(self.gt.ids.dtype))
+
+    def _fused_sweep(self) -> bool:
+        """Every sum at once from one fused pass (see `esam.losses.fused`); False when the
+        kernels do not apply."""
+        per_row = self._fused_rows()
+        if per_row is None:
+            return False
+        stats = fused.row_stats(self.logits, self.gt.ids, per_row)
+        if stats is None:
+            return False
+        row, inst = self.pairs
+        x = self.logits
+        for i, n in enumerate(("softplus", "probs", "probs_sq", "positive")):
+            self._cache.setdefault("total_" + n, stats[i].unsqueeze(1))
+        for i, n in zip((4, 5, 6), ("logits", "probs", "positive")):
+            self._cache.setdefault("inside_" + n, x.new_zeros(x.shape[0], len(self.gt))
+                                   .index_put_((row, inst), stats[i].index_select(0, row)))
+        return True
+
     def _sweep(self, names: list[str]) -> None:
+        if self._fused_sweep():
+            return
         x = self.logits
         r, p = x.shape
         k = len(self.gt)
@@ -264,6 +297,12 @@ class MaskSums:
             with torch.no_grad(), torch.autocast(self.logits.device.type, enabled=False):
                 self._cache["inside_positive"] = self._pair_inside({"positive"})["positive"]
         return self._cache["inside_positive"][self.local(query_idx), gt_idx]
+
+    def row_positive(self, query_idx: Tensor) -> Tensor | None:
+        """``(M,)`` number of positions where ``sigmoid(x) >= 0.5`` in the rows of the given
+        queries, when a fused sweep counted them; None otherwise."""
+        total = self._cache.get("total_positive")
+        return None if total is None else total[self.local(query_idx), 0]
 
     def inside(self, name: str) -> Tensor:
         """``(R, K)`` sums of ``"logits"``, ``"probs"`` or ``"probs_sq"`` over each GT mask
@@ -545,11 +584,13 @@ def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,
         dice = _dice_from_sums(inter, q_term, sizes, form)
         iou = None
         if with_iou:  # of the binarised masks, sigmoid(x) >= 0.5: only the matched rows
-            if rows is None:
-                rows, inverse = torch.unique(query_idx, return_inverse=True)
-                xr = x.index_select(0, rows)  # (U, P)
-            binary = xr.sigmoid_() >= 0.5  # (U, P); xr is not needed again
-            positive = binary.sum(1, dtype=torch.int32)[inverse].to(x.dtype)
+            positive = sums.row_positive(query_idx) if sums is not None else None
+            if positive is None:
+                if rows is None:
+                    rows, inverse = torch.unique(query_idx, return_inverse=True)
+                    xr = x.index_select(0, rows)  # (U, P)
+                binary = xr.sigmoid_() >= 0.5  # (U, P); xr is not needed again
+                positive = binary.sum(1, dtype=torch.int32)[inverse].to(x.dtype)
             hit = sums.pair_positive(query_idx, gt_idx) if sums is not None else None
             if hit is None:
                 hit = pair_sum(lambda v: (v.sigmoid() >= 0.5).to(x.dtype))

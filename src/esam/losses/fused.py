@@ -1,0 +1,114 @@
+"""A fused kernel for the point-level mask terms of one-pair-per-row layers.
+
+ESAM's sparse matcher lets each query compete for one GT instance only (the instance of its seed
+superpoint), so on a ``(Q, N)`` point-level layer every sum the mask costs and losses need is a
+per-row sum: the row totals of ``softplus(x)``, ``sigmoid(x)``, ``sigmoid(x)**2`` and of the
+binarised mask, and the same sums over the members of the row's instance. One pass over the
+logits computes all of them (`row_stats`).
+
+With torch ops this takes a blocked sweep of several passes plus a gather of each pair's
+members. `torch.compile` (inductor) fuses it into one vectorised, multi-threaded loop that
+allocates nothing of the logits' size. The kernel is compiled on first use (seconds; inductor
+caches it on disk) with dynamic shapes, so new N and Q do not recompile.
+
+It is used only where it pays and is known to work: CPU tensors of float32 / float64 with
+at least `MIN_ELEMENTS` elements. Everywhere else, and where compiling fails (no C++ compiler,
+say: a warning says so once), the callers keep their torch-op paths, which compute the same
+values. Set the environment variable ``ESAM_FUSED=0``, or call ``set_enabled(False)``, to turn
+the kernel off.
+
+The binarised mask is ``sigmoid(x) >= 0.5`` with the compiled sigmoid, which may round
+differently from PyTorch's eager one for ``|x|`` below about ``1e-7``; counts can then differ by
+the number of such elements.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["MIN_ELEMENTS", "applies", "is_enabled", "row_stats", "set_enabled"]
+
+MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
+NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
+
+_enabled = os.environ.get("ESAM_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+_compiled: dict[str, Callable] = {}
+_failed = False
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the fused kernels on or off for this process."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_enabled() -> bool:
+    """Whether the fused kernels may be used (on, and not failed to compile)."""
+    return _enabled and not _failed
+
+
+def applies(x: Tensor) -> bool:
+    """Whether the fused kernels run on logits ``x``."""
+    return (is_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.dim() == 2 and x.numel() >= MIN_ELEMENTS)
+
+
+def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+    # sigmoid(x) is written once per use on purpose: one shared node feeding seven reductions
+    # makes inductor store it as an (R, P) buffer (10 MB per 20k-point layer, page-faulted in
+    # on every call); separate uses are inlined, and the kernel's CSE computes it once anyway.
+    def q() -> Tensor:
+        return torch.sigmoid(x)
+
+    def hit() -> Tensor:
+        return (q() >= 0.5).to(x.dtype)
+
+    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)  # (R, P)
+    softplus = x.clamp(min=0) - torch.log(torch.maximum(q(), 1 - q()))  # reuses q: one log
+    return torch.stack([softplus.sum(1), q().sum(1), (q() * q()).sum(1), hit().sum(1),
+                        (member * x).sum(1), (member * q()).sum(1), (member * hit()).sum(1)])
+
+
+def _run(name: str, fn: Callable, *args: Tensor) -> Tensor | None:
+    global _failed
+    try:
+        if name not in _compiled:
+            _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return _compiled[name](*args)
+    except Exception as err:  # no compiler, unsupported platform, ...: keep the torch-op paths
+        _failed = True
+        warnings.warn(f"esam.losses.fused: compiling the fused mask kernels failed ({err!r:.200}); "
+                      "using the torch-op paths (same values, slower). Set ESAM_FUSED=0 to skip "
+                      "the attempt.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _check(x: Tensor, ids: Tensor, inst: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape (R, P), got {tuple(x.shape)}")
+    if ids.shape != (x.shape[1],):
+        raise ValueError(f"ids: expected shape (P={x.shape[1]},), got {tuple(ids.shape)}")
+    if inst.shape != (x.shape[0],):
+        raise ValueError(f"inst: expected shape (R={x.shape[0]},), got {tuple(inst.shape)}")
+
+
+def row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor | None:
+    """Per-row sums of one pass over the logits.
+
+    Args:
+        x: ``(R, P)`` mask logits.
+        ids: ``(P,)`` instance of each position (-1: none).
+        inst: ``(R,)`` the instance of each row's pair, `NO_INSTANCE` for a row without one.
+
+    Returns:
+        ``(7, R)``: the row totals of ``softplus(x)``, ``q = sigmoid(x)``, ``q**2`` and
+        ``[q >= 0.5]``, then the sums of ``x``, ``q`` and ``[q >= 0.5]`` over the positions of
+        the row's instance; None when the kernel could not be compiled.
+    """
+    _check(x, ids, inst)
+    return _run("stats", _stats, x, ids, inst)

@@ -1,0 +1,170 @@
+"""The fused one-pass mask statistics (`esam.losses.fused`) against loops and the torch-op path."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.released_reference import released_mixed_instance_loss
+from esam.config import esam_preset
+from esam.losses import fused
+from esam.losses import functional as LF
+from esam.losses import matcher as matcher_module
+from esam.losses.criterion import build_instance_criterion
+from esam.structures import InstanceMasks
+
+from loops import sigmoid
+from test_esam_parity import to_released
+from test_instance import make_batch
+
+
+@pytest.fixture
+def force_fused(monkeypatch):
+    """Fused kernel on at every size, and sparse matching by gathered pairs (which it needs)."""
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(matcher_module, "_PAIR_MODE_MIN_WORK", 0)
+    monkeypatch.setattr(matcher_module, "_PAIR_MODE_MAX_FRACTION", float("inf"))
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def _loop_stats(x, ids, inst):
+    out = torch.zeros(7, x.shape[0], dtype=torch.float64)
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            v = float(x[r, i])
+            q = sigmoid(v)
+            hit = 1.0 if q >= 0.5 else 0.0
+            member = int(ids[i]) == int(inst[r])
+            out[:, r] += torch.tensor([_softplus(v), q, q * q, hit, v * member, q * member,
+                                       hit * member], dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_stats_equal_loops(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 53, generator=g, dtype=torch.float64) * 4)
+    x[0, :5] = torch.tensor([80.0, -80.0, 1e4, -1e4, 0.0], dtype=torch.float64)  # huge, and 0
+    x[1] = 1e-3 * x[1]  # near the binarisation threshold, but not within rounding of it
+    x = x.to(dtype)
+    ids = torch.randint(-1, 4, (53,), generator=g)
+    inst = torch.tensor([0, 3, fused.NO_INSTANCE, 1, 2, 0])
+    got = fused.row_stats(x, ids, inst)
+    assert got is not None and got.dtype == dtype and got.shape == (7, 6)
+    assert torch.isfinite(got).all()
+    want = _loop_stats(x.double(), ids, inst)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_row_stats_shape_errors():
+    x = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"ids: expected shape \(P=5,\)"):
+        fused.row_stats(x, torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"inst: expected shape \(R=3,\)"):
+        fused.row_stats(x, torch.zeros(5, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+def _one_instance_per_query(targets, seed):
+    """ESAM's query masks: each query may take only the instance of its seed superpoint."""
+    g = torch.Generator().manual_seed(seed)
+    for t in targets:
+        k, q = t.query_masks.shape
+        owner = torch.randint(-1, max(k, 1), (q,), generator=g)
+        t.query_masks = torch.arange(k).unsqueeze(1) == owner.unsqueeze(0)
+    return targets
+
+
+def _loss_and_grads(preds, targets, cfg):
+    leaves = [l.mask_logits for p in preds for l in p.layers]
+    for t in leaves:
+        t.requires_grad_(True)
+        t.grad = None
+    loss = build_instance_criterion(cfg)(preds, targets)["loss"]
+    loss.backward()
+    return loss.detach(), [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("dice", ["esam", "seed"])
+def test_criterion_with_fused_kernel_equals_torch_ops_and_released(force_fused, dice):
+    specs = [(24, 5, 300), (20, 4, 250), (16, 0, 120)]
+    preds, targets = make_batch(specs, seed=3, dtype=torch.float32, c=1, s=20,
+                                levels=("superpoint", "point", "point"))
+    targets = _one_instance_per_query(targets, seed=4)
+    cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
+    # the esam preset, or its sparse matching with both Dice formulas of the seed
+    cfg.dice_form = cfg.matcher.dice_cost = dice
+    calls = []
+    real = fused.row_stats
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "row_stats", lambda *a: calls.append(1) or real(*a))
+        loss_fused, grads_fused = _loss_and_grads(preds, targets, cfg)
+    assert calls, "the fused kernel was not used"
+    fused.set_enabled(False)
+    try:
+        loss_ops, grads_ops = _loss_and_grads(preds, targets, cfg)
+    finally:
+        fused.set_enabled(True)
+    torch.testing.assert_close(loss_fused, loss_ops, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_fused, grads_ops):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    if dice == "esam":
+        pred, insts, modes = to_released(preds, targets)
+        ref = released_mixed_instance_loss(pred, insts, modes)
+        assert loss_fused.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_rows_with_several_pairs_keep_the_torch_op_path(force_fused, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 40, generator=g)
+    ids = torch.randint(-1, 3, (40,), generator=g)
+    gt = InstanceMasks(ids=ids, num_instances=3)
+    pairs = (torch.tensor([0, 0, 2]), torch.tensor([0, 1, 2]))  # row 0 has two pairs
+    monkeypatch.setattr(fused, "row_stats", lambda *a: pytest.fail("fused kernel used"))
+    sums = LF.MaskSums(x, gt, pairs=pairs).prefetch("softplus", "logits", "probs")
+    dense = LF.MaskSums(x, gt).prefetch("softplus", "logits", "probs")
+    for row, inst in zip(*pairs):
+        assert sums.inside("logits")[row, inst] == pytest.approx(
+            dense.inside("logits")[row, inst].item(), rel=1e-5)
+    torch.testing.assert_close(sums.total("softplus"), dense.total("softplus"))
+
+
+def test_failed_compile_warns_once_and_falls_back(force_fused, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setattr(torch, "compile", broken)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 30, generator=g)
+    gt = InstanceMasks(ids=torch.randint(-1, 2, (30,), generator=g), num_instances=2)
+    pairs = (torch.tensor([0, 3]), torch.tensor([1, 0]))
+    with pytest.warns(RuntimeWarning, match="compiling the fused mask kernels failed"):
+        sums = LF.MaskSums(x, gt, pairs=pairs).prefetch("softplus", "logits", "probs")
+    assert not fused.is_enabled() and not fused.applies(x)
+    want = LF.MaskSums(x, gt).prefetch("softplus", "logits", "probs")
+    torch.testing.assert_close(sums.total("softplus"), want.total("softplus"))
+    assert sums.inside("probs")[3, 0] == pytest.approx(want.inside("probs")[3, 0].item(),
+                                                       rel=1e-5)
+
+
+def test_applies_only_to_large_cpu_float_layers():
+    assert fused.applies(torch.zeros(1024, 1024)) == fused.is_enabled()
+    assert not fused.applies(torch.zeros(1023, 1024))
+    assert not fused.applies(torch.zeros(1024, 1024, dtype=torch.float16))
+
+
+def test_environment_variable_turns_it_off():
+    env = {**os.environ, "ESAM_FUSED": "0"}
+    out = subprocess.run([sys.executable, "-c", "from esam.losses import fused; "
+                          "print(fused.is_enabled())"], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

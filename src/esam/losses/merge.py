@@ -297,11 +297,10 @@ def _mean_centres(p: _Packed) -> Tensor:
     return torch.stack(centres).view(b, v, k, ref.shape[1])
 
 
-def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor]:
+def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor, Tensor]:
     """Instance centres, the mean and the element-wise max of the members' features
-    -> ``(B, V, K, d)`` and ``(F, K, d)``; zero when the instance is absent.
-
-    One gather of the members feeds both (see :class:`_SegmentMax` for ties of the max).
+    -> ``(B, V, K, d)`` and ``(F, K, d)`` (zero when the instance is absent), and the stacked
+    frames ``(F, Q, d)`` for the terms that score every query (see :class:`_MemberCentres`).
     """
     b, v, k = p.shape
     x = p.feats
@@ -311,81 +310,73 @@ def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor]:
         return zero.view(b, v, k, d), zero, x
     rows = (torch.div(p.member_slot, k, rounding_mode="floor") * x.shape[1]
             + p.member_query)  # (E,) row in feats.view(F * Q, d)
-    members, rows_view = _GatherRows.apply(x.view(-1, d), rows)  # (E, d), (F*Q, d)
-    counts = p.counts.view(-1, 1)  # (F*K, 1)
-    sums = members.new_zeros(b * v * k, d).index_add(0, p.member_slot, members)
-    mean = sums / counts.clamp(min=1).to(sums.dtype)  # (F*K, d)
-    top = _SegmentMax.apply(members, p.member_slot, b * v * k, int((counts > 0).sum()))
-    return mean.view(b, v, k, d), top.view(b * v, k, d), rows_view.view_as(x)
+    counts = p.counts.view(-1)  # (F*K,)
+    mean, top, feats = _MemberCentres.apply(x.view(-1, d), rows, p.member_slot, counts,
+                                            int((counts > 0).sum()))
+    return mean.view(b, v, k, d), top.view(b * v, k, d), feats.view_as(x)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``(x[rows], x)``: a row gather that also hands its input on, so that both uses of x
-    share one gradient buffer.
+class _MemberCentres(torch.autograd.Function):
+    """Mean and element-wise max of the member rows of each segment, from one gather.
 
-    Autograd would sum the gather's gradient (zeros plus an ``index_add``) and that of the
-    other use of x (here the point-to-segment scores' bmm) in two ``x``-sized passes; this
-    backward adds the gathered rows' gradient straight into the other one.
+    ``x (R, d)`` rows, ``rows (E,)`` the row of every member entry, ``segment (E,)`` its
+    segment (entries of a segment need not be adjacent), ``counts (S,)`` entries per segment
+    -> ``mean (S, d)``, ``top (S, d)`` (0 for an empty segment) and ``x`` itself, handed on.
+
+    One node instead of a gather, a scatter-add, a division and a scatter-max: the backward
+    builds the members' gradient in one buffer and adds it straight into the gradient of
+    x's other use (the point-to-segment scores' bmm), where autograd would zero-fill a second
+    ``x``-sized buffer and sum the two. On exact ties of the max the gradient is shared equally
+    by the tied entries (the released ``max(0)`` gives it to the first one; a query listed
+    twice is the same query either way).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(rows)
-        ctx.shape = x.shape
-        return x.index_select(0, rows), x.view_as(x)
+    def forward(ctx, x: Tensor, rows: Tensor, segment: Tensor, counts: Tensor, num_filled: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        members = x.index_select(0, rows)  # (E, d)
+        s, d = counts.shape[0], x.shape[1]
+        inv = 1.0 / counts.clamp(min=1).to(x.dtype).unsqueeze(1)  # (S, 1)
+        mean = x.new_zeros(s, d).index_add_(0, segment, members).mul_(inv)
+        top = x.new_zeros(s, d).scatter_reduce_(
+            0, segment.view(-1, 1).expand_as(members), members, "amax", include_self=False)
+        ctx.save_for_backward(members, rows, segment, top, inv)
+        ctx.shape, ctx.num_filled = x.shape, num_filled  # non-empty segments
+        return mean, top, x.view_as(x)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_rows: Tensor | None, g_x: Tensor | None) -> tuple[Tensor, None]:
-        (rows,) = ctx.saved_tensors
+    def backward(ctx, g_mean: Tensor | None, g_top: Tensor | None, g_x: Tensor | None
+                 ) -> tuple[Tensor, None, None, None, None]:
+        members, rows, segment, top, inv = ctx.saved_tensors
+        g_members = None
+        if g_top is not None:
+            # 1.0 where an entry holds its segment's max: a comparison written straight into
+            # the float buffer of the gathered maxima (a bool result costs a slow conversion)
+            hit = top.index_select(0, segment)  # (E, d)
+            torch.eq(hit, members, out=hit)
+            # every (non-empty segment, column) has one hit, more only on exact ties; the test
+            # is a host sync, so only the CPU (where it is free) skips the division when
+            # nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
+            exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
+            if members.device.type != "cpu" or bool(
+                    (hit.sum() if exact else hit.sum(dtype=torch.float64))
+                    > ctx.num_filled * members.shape[1]):
+                ties = torch.zeros_like(top).index_add_(0, segment, hit)  # (S, d)
+                g_top = g_top / ties.clamp(min=1)
+            g_members = hit.mul_(g_top.index_select(0, segment))
+        if g_mean is not None:
+            spread = (g_mean * inv).index_select(0, segment)  # (E, d)
+            g_members = spread if g_members is None else g_members.add_(spread)
         if g_x is None:
-            grad = torch.zeros(ctx.shape, dtype=g_rows.dtype, device=g_rows.device)
+            grad = members.new_zeros(ctx.shape)
         elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:
             grad = g_x  # a fresh buffer of the engine's: added into in place
         else:
             grad = g_x.contiguous().clone()
-        if g_rows is not None:
-            grad.index_add_(0, rows, g_rows)
-        return grad, None
-
-
-class _SegmentMax(torch.autograd.Function):
-    """Element-wise max of the rows of each segment, ``(E, d)`` -> ``(S, d)`` (0 when empty).
-
-    A hand-written backward: the generic ``scatter_reduce`` / ``segment_reduce`` one is several
-    times slower than the forward. On exact ties the gradient is shared equally by the tied
-    rows (the released ``max(0)`` gives it to the first one; a query listed twice is the same
-    query either way).
-    """
-
-    @staticmethod
-    def forward(ctx, values: Tensor, segment: Tensor, num_segments: int, num_filled: int
-                ) -> Tensor:
-        index = segment.view(-1, 1).expand_as(values)  # (E, d)
-        out = values.new_zeros(num_segments, values.shape[1]).scatter_reduce_(
-            0, index, values, "amax", include_self=False)  # (S, d)
-        ctx.save_for_backward(values, segment, out)
-        ctx.num_filled = num_filled  # non-empty segments
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        values, segment, out = ctx.saved_tensors
-        # 1.0 where an entry holds its segment's max: a comparison written straight into the
-        # float buffer of the gathered maxima (a bool result costs a slow conversion on CPU)
-        hit = out.index_select(0, segment)  # (E, d)
-        torch.eq(hit, values, out=hit)
-        # every (non-empty segment, column) has one hit, more only on exact ties; the test is
-        # a host sync, so only the CPU (where it is free) skips the division when nothing ties.
-        # A float32 sum of 0/1 values is exact below 2**24 elements.
-        exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
-        if values.device.type != "cpu" or bool(
-                (hit.sum() if exact else hit.sum(dtype=torch.float64))
-                > ctx.num_filled * values.shape[1]):
-            ties = torch.zeros_like(out).index_add_(0, segment, hit)  # (S, d)
-            grad = grad / ties.clamp(min=1)
-        return hit.mul_(grad.index_select(0, segment)), None, None, None
+        if g_members is not None:
+            grad.index_add_(0, rows, g_members)
+        return grad, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

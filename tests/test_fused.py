@@ -64,6 +64,27 @@ def test_row_stats_equal_loops(dtype):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+def test_row_grad_equals_the_formula_and_zeros_unmatched_rows():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 31, generator=g, dtype=torch.float64) * 3
+    ids = torch.randint(-1, 3, (31,), generator=g)
+    inst = torch.tensor([2, fused.NO_INSTANCE, 0, 1])
+    coef = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    coef[1] = 0.0
+    got = fused.row_grad(x, ids, inst, coef)
+    assert got is not None
+    for r in range(4):
+        a, b, c, gamma, beta = coef[r].tolist()
+        for i in range(31):
+            q = sigmoid(float(x[r, i]))
+            member = 1.0 if int(ids[i]) == int(inst[r]) else 0.0
+            want = q * (a + b * q) + c * q * q * (1 - q) - member * (gamma + beta * q * (1 - q))
+            assert float(got[r, i]) == pytest.approx(want, rel=1e-12, abs=1e-14)
+    assert (got[1] == 0).all()
+    with pytest.raises(ValueError, match=r"coef: expected shape \(R=4, 5\)"):
+        fused.row_grad(x, ids, inst, coef[:, :4])
+
+
 def test_row_stats_shape_errors():
     x = torch.zeros(3, 5)
     with pytest.raises(ValueError, match=r"ids: expected shape \(P=5,\)"):

@@ -518,6 +518,10 @@ class _MatchedMaskLoss(torch.autograd.Function):
             alpha, delta = torch.zeros_like(den), g_dice * 4 * inter / den ** 2
         else:
             alpha, delta = g_dice * (2 * inter + 1) / den ** 2, torch.zeros_like(den)
+        grad = _fused_matched_grad(ctx.gt, x, query_idx, gt_idx, alpha, gamma, delta, beta,
+                                   ctx.form)
+        if grad is not None:
+            return (grad.to(ctx.logits_dtype),) + (None,) * 10
         rows, inverse = torch.unique(query_idx, return_inverse=True)  # (U,), (M,)
 
         def per_row(v: Tensor) -> Tensor:  # (M,) -> (U, 1), summed over pairs sharing a query
@@ -537,6 +541,26 @@ class _MatchedMaskLoss(torch.autograd.Function):
                                beta.index_select(0, pair))  # (T,)
         grad.view(-1).index_add_(0, flat, member, alpha=-1)
         return (grad.to(ctx.logits_dtype),) + (None,) * 10
+
+
+def _fused_matched_grad(gt: InstanceMasks, x: Tensor, query_idx: Tensor, gt_idx: Tensor,
+                        alpha: Tensor, gamma: Tensor, delta: Tensor, beta: Tensor,
+                        form: DiceForm) -> Tensor | None:
+    """`_MatchedMaskLoss`'s gradient in one fused pass (`esam.losses.fused.row_grad`) when each
+    query has at most one pair; None when the kernel does not apply."""
+    if gt.ids is None or not fused.applies(x) or len(query_idx) == 0:
+        return None
+    q = x.shape[0]
+    if int(torch.bincount(query_idx, minlength=q).max()) > 1:
+        return None
+    if form == "seed":  # row part gamma q + delta q^2 (1 - q)
+        a, b, c = gamma, torch.zeros_like(gamma), delta
+    else:  # row part q ((alpha + gamma) - alpha q)
+        a, b, c = alpha + gamma, -alpha, torch.zeros_like(gamma)
+    coef = x.new_zeros(q, 5).index_put_((query_idx,), torch.stack([a, b, c, gamma, beta], 1))
+    inst = torch.full((q,), fused.NO_INSTANCE, dtype=gt.ids.dtype, device=x.device)
+    inst.index_put_((query_idx,), gt_idx.to(gt.ids.dtype))
+    return fused.row_grad(x, gt.ids, inst, coef)
 
 
 def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,

@@ -1,21 +1,23 @@
-"""A fused kernel for the point-level mask terms of one-pair-per-row layers.
+"""Fused kernels for the point-level mask terms of one-pair-per-row layers.
 
 ESAM's sparse matcher lets each query compete for one GT instance only (the instance of its seed
 superpoint), so on a ``(Q, N)`` point-level layer every sum the mask costs and losses need is a
 per-row sum: the row totals of ``softplus(x)``, ``sigmoid(x)``, ``sigmoid(x)**2`` and of the
 binarised mask, and the same sums over the members of the row's instance. One pass over the
-logits computes all of them (`row_stats`).
+logits computes all of them (`row_stats`); the analytic gradient of the matched BCE and Dice
+losses is one more pass that writes the ``(Q, N)`` gradient (`row_grad`), with no gather of the
+instances' members.
 
 With torch ops this takes a blocked sweep of several passes plus a gather of each pair's
-members. `torch.compile` (inductor) fuses it into one vectorised, multi-threaded loop that
-allocates nothing of the logits' size. The kernel is compiled on first use (seconds; inductor
-caches it on disk) with dynamic shapes, so new N and Q do not recompile.
+members. `torch.compile` (inductor) fuses each into one vectorised, multi-threaded loop that
+allocates nothing of the logits' size beyond its output. The kernels are compiled on first use
+(seconds; inductor caches them on disk) with dynamic shapes, so new N and Q do not recompile.
 
-It is used only where it pays and is known to work: CPU tensors of float32 / float64 with
+They are used only where they pay and are known to work: CPU tensors of float32 / float64 with
 at least `MIN_ELEMENTS` elements. Everywhere else, and where compiling fails (no C++ compiler,
 say: a warning says so once), the callers keep their torch-op paths, which compute the same
 values. Set the environment variable ``ESAM_FUSED=0``, or call ``set_enabled(False)``, to turn
-the kernel off.
+the kernels off.
 
 The binarised mask is ``sigmoid(x) >= 0.5`` with the compiled sigmoid, which may round
 differently from PyTorch's eager one for ``|x|`` below about ``1e-7``; counts can then differ by
@@ -31,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ELEMENTS", "applies", "is_enabled", "row_stats", "set_enabled"]
+__all__ = ["MIN_ELEMENTS", "applies", "is_enabled", "row_grad", "row_stats", "set_enabled"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
@@ -74,6 +76,14 @@ def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
                         (member * x).sum(1), (member * q()).sum(1), (member * hit()).sum(1)])
 
 
+def _grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor:
+    q = torch.sigmoid(x)
+    qq = q * (1 - q)
+    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)  # (R, P)
+    a, b, c, gamma, beta = (coef[:, i:i + 1] for i in range(5))
+    return q * (a + q * b) + c * q * qq - member * (gamma + beta * qq)
+
+
 def _run(name: str, fn: Callable, *args: Tensor) -> Tensor | None:
     global _failed
     try:
@@ -112,3 +122,26 @@ def row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor | None:
     """
     _check(x, ids, inst)
     return _run("stats", _stats, x, ids, inst)
+
+
+def row_grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor | None:
+    """Gradient of per-row mask losses from per-row coefficients, ``(R, P)``.
+
+    With ``q = sigmoid(x)`` and ``g_i = [ids[i] == inst[r]]``, element ``(r, i)`` is
+    ``q (a + b q) + c q^2 (1 - q) - g_i (gamma + beta q (1 - q))``: the matched BCE's
+    ``gamma (q - g)`` plus either Dice form's gradient (see
+    `esam.losses.functional._MatchedMaskLoss`). Rows whose coefficients are all zero get zeros.
+
+    Args:
+        x: ``(R, P)`` mask logits.
+        ids: ``(P,)`` instance of each position (-1: none).
+        inst: ``(R,)`` the instance of each row's pair, `NO_INSTANCE` for a row without one.
+        coef: ``(R, 5)`` columns ``a, b, c, gamma, beta``.
+
+    Returns:
+        The gradient, or None when the kernel could not be compiled.
+    """
+    _check(x, ids, inst)
+    if coef.shape != (x.shape[0], 5):
+        raise ValueError(f"coef: expected shape (R={x.shape[0]}, 5), got {tuple(coef.shape)}")
+    return _run("grad", _grad, x, ids, inst, coef.to(x.dtype))

@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from esam.losses import functional as LF
+from esam.losses import fused
 from esam.structures import InstanceMasks
 
 __all__ = [
@@ -242,14 +243,20 @@ class SparseMatcher(_Matcher):
         self.topk = int(topk)
 
     @staticmethod
-    def _pairs(allowed: Tensor, masks: InstanceMasks, positions: int,
+    def _pairs(allowed: Tensor, masks: InstanceMasks, logits: Tensor,
                ) -> tuple[Tensor, Tensor] | None:
         """The allowed ``(row, instance)`` pairs, when summing over their members alone is
         cheaper than a pass over every position per instance (the costs of other pairs are
-        never read); None otherwise."""
+        never read); None otherwise. ``logits``: the layer's ``(Q, P)`` mask logits."""
+        positions = logits.shape[1]
         if allowed.shape[0] * positions * len(masks) < _PAIR_MODE_MIN_WORK:
             return None  # the GEMM is cheap: fewer ops than gathering
         row_inst = torch.argwhere(allowed)  # (A, 2)
+        if (masks.ids is not None and fused.applies(logits)
+                and (len(row_inst) == 0
+                     or int(torch.bincount(row_inst[:, 0]).max()) == 1)):
+            # one pair per row: the fused kernels read every sum in one pass, no gather
+            return row_inst[:, 0], row_inst[:, 1]
         members = int(masks.members()[2][row_inst[:, 1]].sum())
         if members > _PAIR_MODE_MAX_FRACTION * allowed.shape[0] * positions:
             return None
@@ -292,14 +299,14 @@ class SparseMatcher(_Matcher):
                 rows = allowed[:, contested].any(1)  # (Q,)
             n_rows = int(torch.count_nonzero(rows))
             if 2 * n_rows > q:  # most rows: cheaper to cost them all than to gather them
-                sums = LF.MaskSums(m, g, pairs=self._pairs(allowed, g, m.shape[1]))
+                sums = LF.MaskSums(m, g, pairs=self._pairs(allowed, g, m))
                 cost = self._cost(c, m, l, g, sums, return_sums)  # (Q, K)
             else:
                 cost = c.new_zeros(q, k, dtype=torch.promote_types(c.dtype, torch.float32))
                 r = rows.nonzero().flatten()
                 if n_rows:
                     sums = LF.MaskSums(m.index_select(0, r), g, rows=r,
-                                       pairs=self._pairs(allowed[r], g, m.shape[1]))
+                                       pairs=self._pairs(allowed[r], g, m))
                     cost[r] = self._cost(c.index_select(0, r), sums.logits, l, g, sums,
                                          return_sums)
             cost = cost.masked_fill(~allowed, float("inf"))  # also hides unsummed pairs

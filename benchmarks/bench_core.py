@@ -143,19 +143,22 @@ class PeakMemory:
 
 
 def _time(fn, device: str, repeats: int) -> tuple[float, int]:
+    """Median wall time of ``repeats`` calls after one warm-up, then the peak memory of one
+    more call. The peak is sampled separately: on CPU the sampler is a Python thread, and
+    running it during the timed calls would take the GIL from the code being timed."""
     fn()  # warm-up
-    times, peak = [], 0
+    times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peak = max(peak, mem.bytes)
-    return statistics.median(times), peak
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    with PeakMemory(device) as mem:
+        fn()
+    return statistics.median(times), mem.bytes
 
 
 def memory_bandwidth(device: str, mb: int = 256) -> float:

@@ -218,11 +218,14 @@ class InstanceMasks:
         return pair, flat
 
     def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Number of positions of each instance -> ``(K,)``."""
-        if self.dense is not None:
-            return torch.count_nonzero(self.dense, dim=1).to(dtype)
-        counts = torch.bincount(self.ids + 1, minlength=self.num_instances + 1)[1:]
-        return counts.to(dtype)
+        """Number of positions of each instance -> ``(K,)`` (counted once, cached)."""
+        if "sizes" not in self._cache:
+            if self.dense is not None:
+                counts = torch.count_nonzero(self.dense, dim=1)
+            else:
+                counts = torch.bincount(self.ids + 1, minlength=self.num_instances + 1)[1:]
+            self._cache["sizes"] = counts
+        return self._cache["sizes"].to(dtype)
 
     def rows(self, instance_idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Binary masks of the given instances -> ``(M, P)`` of ``dtype``."""

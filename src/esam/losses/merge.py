@@ -364,10 +364,14 @@ class _MemberCentres(torch.autograd.Function):
                     > ctx.num_filled * members.shape[1]):
                 ties = torch.zeros_like(top).index_add_(0, segment, hit)  # (S, d)
                 g_top = g_top / ties.clamp(min=1)
-            g_members = hit.mul_(g_top.index_select(0, segment))
+            gathered = g_top.index_select(0, segment)  # (E, d)
+            g_members = hit.mul_(gathered)
         if g_mean is not None:
-            spread = (g_mean * inv).index_select(0, segment)  # (E, d)
-            g_members = spread if g_members is None else g_members.add_(spread)
+            if g_members is None:
+                g_members = (g_mean * inv).index_select(0, segment)  # (E, d)
+            else:  # reuse the gather buffer: one (E, d) allocation fewer
+                torch.index_select(g_mean * inv, 0, segment, out=gathered)
+                g_members.add_(gathered)
         if g_x is None:
             grad = members.new_zeros(ctx.shape)
         elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:

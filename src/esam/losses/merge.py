@@ -418,18 +418,16 @@ def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
     bsz, v, k, d = centres.shape
     if v < 2 or k == 0:
         return centres.sum((1, 2, 3)) * 0.0
-    # frames t and t+1 of the flat (B*V) layout, one bmm; the pairs that straddle two samples
-    # (and the wrap-around one) get no valid row
-    n = bsz * v
-    flat = centres.reshape(n, k, d)
-    following = flat.roll(-1, 0)  # (n, K, d) frame t+1
-    logits = torch.bmm(flat, following.transpose(1, 2)) / tau  # (n, K, K) rows: frame t
+    # frames t and t+1 of the flat (B*V) layout, one bmm over shifted views; the pairs that
+    # straddle two samples get no valid row
+    flat = centres.reshape(bsz * v, k, d)
+    n = bsz * v - 1  # consecutive pairs of the flat layout
+    logits = torch.bmm(flat[:-1], flat[1:].transpose(1, 2)) / tau  # (n, K, K) rows: frame t
     logits = torch.cat([logits, logits.transpose(1, 2)])  # (2n, K, K) both directions
     dtype = logits.dtype
-    pres = present.reshape(n, k)
-    pres_next = pres.roll(-1, 0)
-    src = torch.cat([pres, pres_next])  # (2n, K) rows' frame
-    dst = torch.cat([pres_next, pres])  # (2n, K) columns' frame
+    pres = present.reshape(bsz * v, k)
+    src = torch.cat([pres[:-1], pres[1:]])  # (2n, K) rows' frame
+    dst = torch.cat([pres[1:], pres[:-1]])  # (2n, K) columns' frame
     pair = torch.arange(2 * n, device=centres.device) % n  # (2n,) t on the flat layout
     sample = torch.div(pair, v, rounding_mode="floor")  # (2n,)
     same_sample = (pair % v != v - 1).view(-1, 1)  # (2n, 1)

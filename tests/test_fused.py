@@ -189,3 +189,24 @@ def test_environment_variable_turns_it_off():
                           "print(fused.is_enabled())"], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_half_precision_logits_use_the_kernel_in_float32(force_fused):
+    preds, targets = make_batch([(16, 4, 200), (12, 3, 150)], seed=7, dtype=torch.float32, c=1,
+                                s=12, levels=("point", "point"))
+    targets = _one_instance_per_query(targets, seed=8)
+    cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
+    want, want_grads = _loss_and_grads(preds, targets, cfg)
+    for p in preds:
+        for layer in p.layers:
+            layer.mask_logits = layer.mask_logits.detach().to(torch.bfloat16)
+    calls = []
+    real = fused.row_grad
+    with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
+        mp.setattr(fused, "row_grad", lambda *a: calls.append(a[0].dtype) or real(*a))
+        got, grads = _loss_and_grads(preds, targets, cfg)
+    assert calls and set(calls) == {torch.float32}
+    assert torch.isfinite(got) and all(g.dtype == torch.bfloat16 for g in grads)
+    assert got.item() == pytest.approx(want.item(), rel=2e-2)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=2e-4)

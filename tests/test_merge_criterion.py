@@ -302,7 +302,8 @@ def test_max_ties_share_the_gradient():
     feats, masks = make_inputs(frames=(2,), instances=(3,), queries=(8,), seed=12, p_absent=0.0)
     masks = [[[torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])]
               for _ in range(2)]]
-    feats = [[f.detach().clone() for f in feats[0]]]
+    # scaled down: logits of order 1 at tau 0.02, so the max's gradient is not saturated away
+    feats = [[0.1 * f.detach() for f in feats[0]]]
     for f in feats[0]:
         f[1] = f[0]
         f.requires_grad_()
@@ -453,3 +454,47 @@ def test_align_global_ids_hand_case():
     assert align_global_ids(torch.zeros(0, 6), gt, points).tolist() == [0] * 7
     with pytest.raises(ValueError, match="gt_point_ids"):
         align_global_ids(pred, gt, torch.tensor([3]))
+
+
+def test_segment_chunks_keep_segments_whole_and_count_them():
+    from esam.losses.merge import _segment_chunks
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(0, 6, (40,), generator=g)  # some segments empty
+    segment = torch.repeat_interleave(torch.arange(40), sizes)
+    filled = int((sizes > 0).sum())
+    chunks = _segment_chunks(segment, filled, 7)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(segment) and len(chunks) > 1
+    for (a, b, n), (c, _, _) in zip(chunks, chunks[1:] + [(len(segment), 0, 0)]):
+        assert b == c and a < b
+        assert n == len(torch.unique(segment[a:b]))
+        if b < len(segment):
+            assert segment[b - 1] != segment[b]  # no segment split
+    assert sum(n for _, _, n in chunks) == filled
+    # out of order: one block
+    shuffled = segment[torch.randperm(len(segment), generator=g)]
+    assert _segment_chunks(shuffled, filled, 7) == [(0, len(segment), filled)]
+
+
+@pytest.mark.parametrize("tmp", [True, False])
+def test_blocked_member_backward_equals_one_block(monkeypatch, tmp):
+    import esam.losses.merge as merge_module
+    feats, masks = make_inputs(frames=(3, 2), instances=(5, 4), queries=(12, 9), seed=13,
+                               p_absent=0.1)
+    # ties inside blocks: duplicate a feature row inside every frame
+    # scaled down (unsaturated gradients), and ties inside blocks: a feature row duplicated
+    # in every frame, both copies listed in one instance
+    feats = [[0.1 * f.detach() for f in sample] for sample in feats]
+    for sample in feats:
+        for f in sample:
+            f[1] = f[0]
+            f.requires_grad_()
+    masks = [[[torch.cat([torch.tensor([0, 1]), t[t > 1]]) if k == 0 else t[t > 1]
+               for k, t in enumerate(frame)] for frame in sample] for sample in masks]
+    crit = ScanNetMergeCriterion_Fast(tmp=tmp)
+    whole = crit(feats, masks)["loss"]
+    g_whole = grads(whole, feats)
+    monkeypatch.setattr(merge_module, "_CHUNK_ELEMENTS", 3 * 8)  # blocks of ~3 entries
+    blocked = crit(feats, masks)["loss"]
+    assert_close(blocked, whole, 1e-12)
+    for a, b in zip(grads(blocked, feats), g_whole):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)

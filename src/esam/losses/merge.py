@@ -316,6 +316,30 @@ def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor, Tensor]:
     return mean.view(b, v, k, d), top.view(b * v, k, d), feats.view_as(x)
 
 
+_CHUNK_ELEMENTS = 1 << 18  # entries x columns per block of `_MemberCentres.backward` (1 MB fp32)
+
+
+def _segment_chunks(segment: Tensor, num_filled: int, rows_per_chunk: int
+                    ) -> list[tuple[int, int, int]]:
+    """Blocks ``(start, stop, non-empty segments)`` of about ``rows_per_chunk`` entries that
+    never split a segment, when segments are stored contiguously (the packed layout's order);
+    one block of everything otherwise, or off the CPU (choosing blocks syncs with the host)."""
+    e = segment.numel()
+    if segment.device.type != "cpu" or e <= rows_per_chunk:
+        return [(0, e, num_filled)]
+    if not bool((segment[1:] >= segment[:-1]).all()):
+        return [(0, e, num_filled)]
+    cand = torch.arange(rows_per_chunk, e, rows_per_chunk, device=segment.device)
+    starts = torch.searchsorted(segment, segment[cand])  # each cut moved back to a segment start
+    bounds = sorted({0, e, *starts.tolist()})
+    first = torch.ones(e, dtype=torch.long)
+    first[1:] = (segment[1:] != segment[:-1]).long()  # 1 at the first entry of each segment
+    seen = torch.cumsum(first, 0)  # segments begun up to each entry
+    ends = seen[torch.tensor(bounds[1:]) - 1].tolist()
+    return [(a, b, n - (ends[i - 1] if i else 0))
+            for i, (a, b, n) in enumerate(zip(bounds[:-1], bounds[1:], ends))]
+
+
 class _MemberCentres(torch.autograd.Function):
     """Mean and element-wise max of the member rows of each segment, from one gather.
 
@@ -324,11 +348,13 @@ class _MemberCentres(torch.autograd.Function):
     -> ``mean (S, d)``, ``top (S, d)`` (0 for an empty segment) and ``x`` itself, handed on.
 
     One node instead of a gather, a scatter-add, a division and a scatter-max: the backward
-    builds the members' gradient in one buffer and adds it straight into the gradient of
-    x's other use (the point-to-segment scores' bmm), where autograd would zero-fill a second
-    ``x``-sized buffer and sum the two. On exact ties of the max the gradient is shared equally
-    by the tied entries (the released ``max(0)`` gives it to the first one; a query listed
-    twice is the same query either way).
+    adds the members' gradient straight into the gradient of x's other use (the
+    point-to-segment scores' bmm), where autograd would zero-fill a second ``x``-sized buffer
+    and sum the two. It works in blocks of whole segments (`_segment_chunks`), so its
+    temporaries stay small enough to be reused rather than page-faulted in on every call.
+    On exact ties of the max the gradient is shared equally by the tied entries (the
+    released ``max(0)`` gives it to the first one; a query listed twice is the same query
+    either way).
     """
 
     @staticmethod
@@ -341,7 +367,8 @@ class _MemberCentres(torch.autograd.Function):
         top = x.new_zeros(s, d).scatter_reduce_(
             0, segment.view(-1, 1).expand_as(members), members, "amax", include_self=False)
         ctx.save_for_backward(members, rows, segment, top, inv)
-        ctx.shape, ctx.num_filled = x.shape, num_filled  # non-empty segments
+        ctx.shape = x.shape
+        ctx.chunks = _segment_chunks(segment, num_filled, max(1, _CHUNK_ELEMENTS // max(d, 1)))
         return mean, top, x.view_as(x)
 
     @staticmethod
@@ -349,37 +376,41 @@ class _MemberCentres(torch.autograd.Function):
     def backward(ctx, g_mean: Tensor | None, g_top: Tensor | None, g_x: Tensor | None
                  ) -> tuple[Tensor, None, None, None, None]:
         members, rows, segment, top, inv = ctx.saved_tensors
-        g_members = None
-        if g_top is not None:
-            # 1.0 where an entry holds its segment's max: a comparison written straight into
-            # the float buffer of the gathered maxima (a bool result costs a slow conversion)
-            hit = top.index_select(0, segment)  # (E, d)
-            torch.eq(hit, members, out=hit)
-            # every (non-empty segment, column) has one hit, more only on exact ties; the test
-            # is a host sync, so only the CPU (where it is free) skips the division when
-            # nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
-            exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
-            if members.device.type != "cpu" or bool(
-                    (hit.sum() if exact else hit.sum(dtype=torch.float64))
-                    > ctx.num_filled * members.shape[1]):
-                ties = torch.zeros_like(top).index_add_(0, segment, hit)  # (S, d)
-                g_top = g_top / ties.clamp(min=1)
-            gathered = g_top.index_select(0, segment)  # (E, d)
-            g_members = hit.mul_(gathered)
-        if g_mean is not None:
-            if g_members is None:
-                g_members = (g_mean * inv).index_select(0, segment)  # (E, d)
-            else:  # reuse the gather buffer: one (E, d) allocation fewer
-                torch.index_select(g_mean * inv, 0, segment, out=gathered)
-                g_members.add_(gathered)
         if g_x is None:
             grad = members.new_zeros(ctx.shape)
         elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:
             grad = g_x  # a fresh buffer of the engine's: added into in place
         else:
             grad = g_x.contiguous().clone()
-        if g_members is not None:
-            grad.index_add_(0, rows, g_members)
+        spread = g_mean * inv if g_mean is not None else None  # (S, d)
+        d = members.shape[1]
+        for start, stop, filled in ctx.chunks:
+            seg = segment[start:stop]
+            g_members = None
+            if g_top is not None:
+                # 1.0 where an entry holds its segment's max: a comparison written straight
+                # into the float buffer of the gathered maxima (a bool result is slow on CPU)
+                hit = top.index_select(0, seg)  # (c, d)
+                torch.eq(hit, members[start:stop], out=hit)
+                # every (non-empty segment, column) has one hit, more only on exact ties; the
+                # test is a host sync, so only the CPU (where it is free) skips the division
+                # when nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
+                exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
+                share = g_top
+                if members.device.type != "cpu" or bool(
+                        (hit.sum() if exact else hit.sum(dtype=torch.float64)) > filled * d):
+                    ties = torch.zeros_like(top).index_add_(0, seg, hit)  # (S, d)
+                    share = g_top / ties.clamp(min=1)
+                gathered = share.index_select(0, seg)  # (c, d)
+                g_members = hit.mul_(gathered)
+            if spread is not None:
+                if g_members is None:
+                    g_members = spread.index_select(0, seg)
+                else:  # reuse the gather buffer
+                    torch.index_select(spread, 0, seg, out=gathered)
+                    g_members.add_(gathered)
+            if g_members is not None:
+                grad.index_add_(0, rows[start:stop], g_members)
         return grad, None, None, None, None
 
 

@@ -147,30 +147,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_interleaved(fns: dict, device: str, repeats: int) -> dict[str, tuple[float, int]]:
-    """Median wall time of ``repeats`` calls of each function, and its peak memory.
-
-    The calls alternate between the functions (after one warm-up each), so slow drifts of a
-    shared machine, and the allocator state each leaves behind, reach all of them alike. The
-    peak comes from one more call each, sampled separately: on CPU the sampler is a Python
-    thread, which would take the GIL from the code being timed.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
+def _time(fn, device: str, repeats: int) -> tuple[float, int]:
+    """Median wall time of ``repeats`` back-to-back calls after one warm-up (each
+    implementation in its own steady state, as a training loop would run it), then the peak
+    memory of one more call. The peak is sampled separately: on CPU the sampler is a Python
+    thread, and running it during the timed calls would take the GIL from the code timed."""
+    fn()  # warm-up
+    times = []
     for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, fn in fns.items():
-        with PeakMemory(device) as mem:
-            fn()
-        out[name] = (statistics.median(times[name]), mem.bytes)
-    return out
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    with PeakMemory(device) as mem:
+        fn()
+    return statistics.median(times), mem.bytes
 
 
 def memory_bandwidth(device: str, mb: int = 256) -> float:
@@ -221,13 +213,10 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
         a, b = ours(False).item(), reference(False).item()
     result = {"workload": vars(w), "device": device, "loss_ours": a, "loss_reference": b,
               "relative_difference": abs(a - b) / max(abs(b), 1e-12)}
-    with torch.no_grad():
-        fwd = _time_interleaved({"ours": lambda: ours(False),
-                                 "reference": lambda: reference(False)}, device, repeats)
-    fwd_bwd = _time_interleaved({"ours": lambda: ours(True),
-                                 "reference": lambda: reference(True)}, device, repeats)
-    for name in ("ours", "reference"):
-        (t_f, m_f), (t_fb, m_fb) = fwd[name], fwd_bwd[name]
+    for name, fn in (("ours", ours), ("reference", reference)):
+        with torch.no_grad():
+            t_f, m_f = _time(lambda: fn(False), device, repeats)
+        t_fb, m_fb = _time(lambda: fn(True), device, repeats)
         result[name] = {"forward_s": t_f, "forward_backward_s": t_fb,
                         "peak_forward_mb": m_f / 2**20, "peak_forward_backward_mb": m_fb / 2**20}
     result["speedup_forward"] = result["reference"]["forward_s"] / result["ours"]["forward_s"]

@@ -464,7 +464,7 @@ def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
     same_sample = (pair % v != v - 1).view(-1, 1)  # (2n, 1)
     row_valid = (src & dst & same_sample).to(dtype)  # (2n, K)
     hide = (~dst).to(dtype).unsqueeze(1)  # (2n, 1, K) absent columns
-    if mask_zero_logits:
+    if mask_zero_logits and _has_zero(logits):
         zero = _zeros_of(logits)  # (2n, K, K)
         row_valid = row_valid * (1.0 - zero.diagonal(dim1=1, dim2=2))
         hide = torch.maximum(hide, zero)
@@ -479,6 +479,12 @@ def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
         w = row_valid / num_instances.to(dtype).clamp(min=1)[sample].unsqueeze(1)
     per_pair = (ce * w).sum(1)  # (2n,)
     return torch.zeros(bsz, dtype=dtype, device=centres.device).index_add(0, sample, per_pair)
+
+
+def _has_zero(logits: Tensor) -> bool:
+    """Whether any logit is exactly 0 (then the released zero-logit masking changes something).
+    Only the CPU answers (the host sync is free there); elsewhere the masking always runs."""
+    return logits.device.type != "cpu" or torch.count_nonzero(logits) < logits.numel()
 
 
 def _zeros_of(logits: Tensor) -> Tensor:
@@ -553,7 +559,7 @@ def merge_p2s_infonce_fast(centres: Tensor, feats: Tensor, table: Tensor, counts
     # float masks throughout (bool tensors take a slow path on CPU)
     hide = (~present).to(logits.dtype).index_select(0, f)  # (N, K_c) absent columns
     row_valid = torch.ones_like(r, dtype=logits.dtype)  # (N,)
-    if mask_zero_logits:
+    if mask_zero_logits and _has_zero(logits):
         zero = _zeros_of(logits)  # (N, K_c)
         row_valid = 1.0 - zero.gather(1, r.unsqueeze(1)).squeeze(1)  # own logit non-zero
         # on valid rows a zero column counts as absent; invalid rows (weight 0) keep their own

@@ -210,3 +210,25 @@ def test_half_precision_logits_use_the_kernel_in_float32(force_fused):
     assert got.item() == pytest.approx(want.item(), rel=2e-2)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=2e-4)
+
+
+def test_seed_preset_gradient_with_the_kernel_equals_torch_ops(force_fused):
+    # Hungarian matching: no pair mode, but each query has one pair, so the gradient is fused
+    from esam.config import seed_preset
+    preds, targets = make_batch([(14, 5, 220), (10, 3, 160)], seed=9, dtype=torch.float32, c=2,
+                                s=12, levels=("point", "point"))
+    cfg = seed_preset(num_semantic_classes=4, num_instance_classes=2)
+    calls = []
+    real = fused.row_grad
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "row_grad", lambda *a: calls.append(1) or real(*a))
+        loss_fused, grads_fused = _loss_and_grads(preds, targets, cfg)
+    assert calls
+    fused.set_enabled(False)
+    try:
+        loss_ops, grads_ops = _loss_and_grads(preds, targets, cfg)
+    finally:
+        fused.set_enabled(True)
+    torch.testing.assert_close(loss_fused, loss_ops, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_fused, grads_ops):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -6,7 +6,8 @@ classes; class-agnostic instance head; K=30 GT instances; box head on.
 
 Reports forward and forward+backward median times, peak memory, the speed-up over the reference
 (dense one-hot GT, einsum costs, per-sample loops), and the time the forward pass would take if it
-only had to stream its inputs once at the measured memory bandwidth.
+only had to stream its inputs once at the measured memory bandwidth. Where the fused CPU kernels
+(`esam.losses.fused`) apply, ``ours_torch_ops`` times the same code with them off.
 
     python -m benchmarks.bench_core [--json] [--device cuda] [--repeats 5]
 """
@@ -25,7 +26,7 @@ import torch
 
 from benchmarks.released_reference import released_mixed_instance_loss, released_semantic_loss
 from esam.config import esam_preset
-from esam.losses import ESAMCriterion
+from esam.losses import ESAMCriterion, fused
 from esam.structures import FramePrediction, FrameTarget, LayerOutput
 
 MODES = ("superpoint", "superpoint", "point", "point")
@@ -213,10 +214,17 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
         a, b = ours(False).item(), reference(False).item()
     result = {"workload": vars(w), "device": device, "loss_ours": a, "loss_reference": b,
               "relative_difference": abs(a - b) / max(abs(b), 1e-12)}
-    for name, fn in (("ours", ours), ("reference", reference)):
-        with torch.no_grad():
-            t_f, m_f = _time(lambda: fn(False), device, repeats)
-        t_fb, m_fb = _time(lambda: fn(True), device, repeats)
+    runs = [("ours", ours, fused.is_enabled()), ("reference", reference, False)]
+    if any(fused.applies(l.mask_logits) for p in preds for l in p.layers):
+        runs.insert(1, ("ours_torch_ops", ours, False))  # the same without the fused kernels
+    for name, fn, use_fused in runs:
+        previous = fused.set_enabled(use_fused)
+        try:
+            with torch.no_grad():
+                t_f, m_f = _time(lambda: fn(False), device, repeats)
+            t_fb, m_fb = _time(lambda: fn(True), device, repeats)
+        finally:
+            fused.set_enabled(previous)
         result[name] = {"forward_s": t_f, "forward_backward_s": t_fb,
                         "peak_forward_mb": m_f / 2**20, "peak_forward_backward_mb": m_fb / 2**20}
     result["speedup_forward"] = result["reference"]["forward_s"] / result["ours"]["forward_s"]
@@ -240,11 +248,13 @@ def run(device: str = "cpu", repeats: int = 5, queries=(128, 375)) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"{'Q':>4} {'impl':>9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MB':>9}"]
+    lines = [f"{'Q':>4} {'impl':>14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MB':>9}"]
     for r in res["results"]:
-        for name in ("ours", "reference"):
+        for name in ("ours", "ours_torch_ops", "reference"):
+            if name not in r:
+                continue
             x = r[name]
-            lines.append(f"{r['workload']['queries']:>4} {name:>9} {x['forward_s'] * 1e3:>9.1f} "
+            lines.append(f"{r['workload']['queries']:>4} {name:>14} {x['forward_s'] * 1e3:>9.1f} "
                          f"{x['forward_backward_s'] * 1e3:>11.1f} "
                          f"{x['peak_forward_backward_mb']:>9.1f}")
         lines.append(f"     speed-up fwd {r['speedup_forward']:.1f}x, fwd+bwd "

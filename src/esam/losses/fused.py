@@ -43,10 +43,11 @@ _compiled: dict[str, Callable] = {}
 _failed = False
 
 
-def set_enabled(enabled: bool) -> None:
-    """Turn the fused kernels on or off for this process."""
+def set_enabled(enabled: bool) -> bool:
+    """Turn the fused kernels on or off for this process; returns the previous setting."""
     global _enabled
-    _enabled = bool(enabled)
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
 
 
 def is_enabled() -> bool:

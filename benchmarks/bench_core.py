@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
@@ -107,14 +106,15 @@ def _leaves(preds):
 
 
 class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator peak, or sampled process RSS on CPU."""
+    """Peak extra memory a block allocates through PyTorch: the CUDA allocator's peak, or on
+    CPU the peak of live bytes replayed from the profiler's allocation events (op by op).
+
+    Process RSS would not do on CPU: memory the allocator kept from earlier calls is reused
+    without growing it, so a call can show no growth at all.
+    """
 
     def __init__(self, device: str):
         self.device = device
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self):
         if self.device.startswith("cuda"):
@@ -122,25 +122,26 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.base = self.peak = self._rss()
-            self.stop = False
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
         return self
-
-    def _sample(self):
-        while not self.stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.0005)
 
     def __exit__(self, *exc):
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop = True
-            self.thread.join()
-            self.bytes = max(self.peak - self.base, 0)
+            return
+        self.prof.__exit__(*exc)
+        # each op's own allocations (children excluded) and the frees between ops, in order
+        events = sorted(((e.time_range.start, e.self_cpu_memory_usage)
+                         for e in self.prof.events() if e.self_cpu_memory_usage),
+                        key=lambda t: t[0])
+        live = peak = 0
+        for _, change in events:
+            live += change
+            peak = max(peak, live)
+        self.bytes = peak
 
 
 def _sync(device: str) -> None:
@@ -148,11 +149,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: str, repeats: int) -> tuple[float, int]:
+def _time(fn, device: str, repeats: int, reset=None) -> tuple[float, int]:
     """Median wall time of ``repeats`` back-to-back calls after one warm-up (each
     implementation in its own steady state, as a training loop would run it), then the peak
-    memory of one more call. The peak is sampled separately: on CPU the sampler is a Python
-    thread, and running it during the timed calls would take the GIL from the code timed."""
+    memory of one more call, tracked separately (the tracking slows the code it watches);
+    ``reset`` runs before that call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -161,6 +162,8 @@ def _time(fn, device: str, repeats: int) -> tuple[float, int]:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    if reset is not None:
+        reset()  # frees the previous call's gradients before the peak is tracked
     with PeakMemory(device) as mem:
         fn()
     return statistics.median(times), mem.bytes
@@ -189,12 +192,16 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
                                      num_instance_classes=1)).to(device)
     leaves = _leaves(preds)
 
-    def ours(backward: bool):
+    def reset():
         for t in targets:
             t._cache.clear()
         for t in leaves:
-            t.requires_grad_(backward)
             t.grad = None
+
+    def ours(backward: bool):
+        reset()
+        for t in leaves:
+            t.requires_grad_(backward)
         loss = crit(preds, targets)["loss"]
         if backward:
             loss.backward()
@@ -221,8 +228,8 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
         previous = fused.set_enabled(use_fused)
         try:
             with torch.no_grad():
-                t_f, m_f = _time(lambda: fn(False), device, repeats)
-            t_fb, m_fb = _time(lambda: fn(True), device, repeats)
+                t_f, m_f = _time(lambda: fn(False), device, repeats, reset)
+            t_fb, m_fb = _time(lambda: fn(True), device, repeats, reset)
         finally:
             fused.set_enabled(previous)
         result[name] = {"forward_s": t_f, "forward_backward_s": t_fb,
@@ -248,7 +255,8 @@ def run(device: str = "cpu", repeats: int = 5, queries=(128, 375)) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"{'Q':>4} {'impl':>14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MB':>9}"]
+    lines = [f"{'Q':>4} {'impl':>14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd peak MB':>12} "
+             f"{'fwd+bwd peak MB':>16}"]
     for r in res["results"]:
         for name in ("ours", "ours_torch_ops", "reference"):
             if name not in r:
@@ -256,7 +264,7 @@ def format_table(res: dict) -> str:
             x = r[name]
             lines.append(f"{r['workload']['queries']:>4} {name:>14} {x['forward_s'] * 1e3:>9.1f} "
                          f"{x['forward_backward_s'] * 1e3:>11.1f} "
-                         f"{x['peak_forward_backward_mb']:>9.1f}")
+                         f"{x['peak_forward_mb']:>12.1f} {x['peak_forward_backward_mb']:>16.1f}")
         lines.append(f"     speed-up fwd {r['speedup_forward']:.1f}x, fwd+bwd "
                      f"{r['speedup_forward_backward']:.1f}x; forward at "
                      f"{r['forward_vs_bound']:.1f}x the bandwidth bound; "

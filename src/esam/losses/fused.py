@@ -6,7 +6,8 @@ per-row sum: the row totals of ``softplus(x)``, ``sigmoid(x)``, ``sigmoid(x)**2`
 binarised mask, and the same sums over the members of the row's instance. One pass over the
 logits computes all of them (`row_stats`); the analytic gradient of the matched BCE and Dice
 losses is one more pass that writes the ``(Q, N)`` gradient (`row_grad`), with no gather of the
-instances' members.
+instances' members; it serves any matcher that gives each query at most one pair (Hungarian
+matching too).
 
 With torch ops this takes a blocked sweep of several passes plus a gather of each pair's
 members. `torch.compile` (inductor) fuses each into one vectorised, multi-threaded loop that

@@ -113,6 +113,22 @@ def _loss_and_grads(preds, targets, cfg):
     return loss.detach(), [t.grad.clone() for t in leaves]
 
 
+def _with_and_without_kernels(preds, targets, cfg, kernel):
+    """Loss and gradients with the fused kernels (checking ``kernel`` ran) and without."""
+    calls = []
+    real = getattr(fused, kernel)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, kernel, lambda *a: calls.append(1) or real(*a))
+        with_kernels = _loss_and_grads(preds, targets, cfg)
+    assert calls, f"the fused kernel {kernel} was not used"
+    previous = fused.set_enabled(False)
+    try:
+        without = _loss_and_grads(preds, targets, cfg)
+    finally:
+        fused.set_enabled(previous)
+    return with_kernels, without
+
+
 @pytest.mark.parametrize("dice", ["esam", "seed"])
 def test_criterion_with_fused_kernel_equals_torch_ops_and_released(force_fused, dice):
     specs = [(24, 5, 300), (20, 4, 250), (16, 0, 120)]
@@ -122,17 +138,8 @@ def test_criterion_with_fused_kernel_equals_torch_ops_and_released(force_fused, 
     cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
     # the esam preset, or its sparse matching with both Dice formulas of the seed
     cfg.dice_form = cfg.matcher.dice_cost = dice
-    calls = []
-    real = fused.row_stats
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "row_stats", lambda *a: calls.append(1) or real(*a))
-        loss_fused, grads_fused = _loss_and_grads(preds, targets, cfg)
-    assert calls, "the fused kernel was not used"
-    fused.set_enabled(False)
-    try:
-        loss_ops, grads_ops = _loss_and_grads(preds, targets, cfg)
-    finally:
-        fused.set_enabled(True)
+    (loss_fused, grads_fused), (loss_ops, grads_ops) = _with_and_without_kernels(
+        preds, targets, cfg, "row_stats")
     torch.testing.assert_close(loss_fused, loss_ops, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_fused, grads_ops):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -218,17 +225,8 @@ def test_seed_preset_gradient_with_the_kernel_equals_torch_ops(force_fused):
     preds, targets = make_batch([(14, 5, 220), (10, 3, 160)], seed=9, dtype=torch.float32, c=2,
                                 s=12, levels=("point", "point"))
     cfg = seed_preset(num_semantic_classes=4, num_instance_classes=2)
-    calls = []
-    real = fused.row_grad
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "row_grad", lambda *a: calls.append(1) or real(*a))
-        loss_fused, grads_fused = _loss_and_grads(preds, targets, cfg)
-    assert calls
-    fused.set_enabled(False)
-    try:
-        loss_ops, grads_ops = _loss_and_grads(preds, targets, cfg)
-    finally:
-        fused.set_enabled(True)
+    (loss_fused, grads_fused), (loss_ops, grads_ops) = _with_and_without_kernels(
+        preds, targets, cfg, "row_grad")
     torch.testing.assert_close(loss_fused, loss_ops, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads_fused, grads_ops):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

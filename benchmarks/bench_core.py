@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -176,12 +175,10 @@ def memory_bandwidth(device: str, mb: int = 256) -> float:
     y.copy_(x)
     best = float("inf")
     for _ in range(5):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         y.copy_(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * x.numel() * 4 / best
 

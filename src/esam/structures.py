@@ -174,16 +174,13 @@ class InstanceMasks:
             number of (instance, position) memberships.
         """
         if "members" not in self._cache:
+            counts = self.sizes(torch.long)
             if self.dense is not None:
-                k_pos = torch.nonzero(self.dense)  # (E, 2), row-major: grouped by instance
-                positions = k_pos[:, 1]
-                counts = torch.count_nonzero(self.dense, dim=1)
+                positions = torch.nonzero(self.dense)[:, 1]  # row-major: grouped by instance
             else:
                 # a stable sort keeps each instance's positions increasing; -1 (none) sorts first
                 order = torch.sort(self.ids, stable=True).indices
-                counts = torch.bincount(self.ids + 1, minlength=self.num_instances + 1)
-                positions = order[counts[0]:]
-                counts = counts[1:]
+                positions = order[self.num_positions - int(counts.sum()):]
             starts = torch.cumsum(counts, 0) - counts
             if self.num_positions < _INT32_LIMIT:
                 positions = positions.int()

@@ -207,11 +207,7 @@ class MaskSums:
         if self.pairs is None or self.gt.ids is None or not fused.applies(self.logits):
             return None
         row, inst = self.pairs
-        r = self.logits.shape[0]
-        if len(row) and int(torch.bincount(row, minlength=r).max()) > 1:
-            return None
-        return torch.full((r,), fused.NO_INSTANCE, dtype=self.gt.ids.dtype,
-                          device=row.device).index_put_((row,), inst.to(self.gt.ids.dtype))
+        return fused.row_instances(row, inst, self.logits.shape[0])
 
     def _fused_sweep(self) -> bool:
         """Every sum at once from one fused pass (see `esam.losses.fused`); False when the
@@ -551,15 +547,14 @@ def _fused_matched_grad(gt: InstanceMasks, x: Tensor, query_idx: Tensor, gt_idx:
     if gt.ids is None or not fused.applies(x) or len(query_idx) == 0:
         return None
     q = x.shape[0]
-    if int(torch.bincount(query_idx, minlength=q).max()) > 1:
+    inst = fused.row_instances(query_idx, gt_idx, q)
+    if inst is None:
         return None
     if form == "seed":  # row part gamma q + delta q^2 (1 - q)
         a, b, c = gamma, torch.zeros_like(gamma), delta
     else:  # row part q ((alpha + gamma) - alpha q)
         a, b, c = alpha + gamma, -alpha, torch.zeros_like(gamma)
     coef = x.new_zeros(q, 5).index_put_((query_idx,), torch.stack([a, b, c, gamma, beta], 1))
-    inst = torch.full((q,), fused.NO_INSTANCE, dtype=gt.ids.dtype, device=x.device)
-    inst.index_put_((query_idx,), gt_idx.to(gt.ids.dtype))
     return fused.row_grad(x, gt.ids, inst, coef)
 
 

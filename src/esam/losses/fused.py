@@ -34,7 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ELEMENTS", "applies", "is_enabled", "row_grad", "row_stats", "set_enabled"]
+__all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "applies", "is_enabled", "row_grad", "row_instances",
+           "row_stats", "set_enabled"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
@@ -60,6 +61,15 @@ def applies(x: Tensor) -> bool:
     """Whether the fused kernels run on logits ``x``."""
     return (is_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and x.dim() == 2 and x.numel() >= MIN_ELEMENTS)
+
+
+def row_instances(rows: Tensor, inst: Tensor, num_rows: int) -> Tensor | None:
+    """``(R,)`` the instance of each row's pair (`NO_INSTANCE` for a row without one), from
+    pairs ``(rows (A,), inst (A,))``; None when some row has several pairs."""
+    if len(rows) and int(torch.bincount(rows, minlength=num_rows).max()) > 1:
+        return None
+    out = torch.full((num_rows,), NO_INSTANCE, dtype=torch.long, device=rows.device)
+    return out.index_put_((rows,), inst.long())
 
 
 def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:

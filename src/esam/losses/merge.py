@@ -311,8 +311,9 @@ def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor, Tensor]:
     rows = (torch.div(p.member_slot, k, rounding_mode="floor") * x.shape[1]
             + p.member_query)  # (E,) row in feats.view(F * Q, d)
     counts = p.counts.view(-1)  # (F*K,)
-    mean, top, feats = _MemberCentres.apply(x.view(-1, d), rows, p.member_slot, counts,
-                                            int((counts > 0).sum()))
+    # the non-empty segments, for the CPU's tie test (counting them elsewhere would sync)
+    filled = int((counts > 0).sum()) if x.device.type == "cpu" else 0
+    mean, top, feats = _MemberCentres.apply(x.view(-1, d), rows, p.member_slot, counts, filled)
     return mean.view(b, v, k, d), top.view(b * v, k, d), feats.view_as(x)
 
 

@@ -64,25 +64,40 @@ def test_row_stats_equal_loops(dtype):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
-def test_row_grad_equals_the_formula_and_zeros_unmatched_rows():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_grad_equals_the_formula_and_zeros_unmatched_rows(dtype):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 31, generator=g, dtype=torch.float64) * 3
+    x = (torch.randn(6, 31, generator=g, dtype=torch.float64) * 3).to(dtype)
     ids = torch.randint(-1, 3, (31,), generator=g)
-    inst = torch.tensor([2, fused.NO_INSTANCE, 0, 1])
-    coef = torch.randn(4, 5, generator=g, dtype=torch.float64)
-    coef[1] = 0.0
+    # a row without a pair but with a row part (4) is computed; rows 1 and 5 stay zero
+    inst = torch.tensor([2, fused.NO_INSTANCE, 0, 1, fused.NO_INSTANCE, fused.NO_INSTANCE])
+    coef = torch.randn(6, 5, generator=g, dtype=torch.float64).to(dtype)
+    coef[1] = coef[5] = 0.0
+    coef[4, 3:] = 0.0
     got = fused.row_grad(x, ids, inst, coef)
-    assert got is not None
-    for r in range(4):
+    assert got is not None and got.dtype == dtype and got.shape == (6, 31)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for r in range(6):
         a, b, c, gamma, beta = coef[r].tolist()
         for i in range(31):
             q = sigmoid(float(x[r, i]))
             member = 1.0 if int(ids[i]) == int(inst[r]) else 0.0
             want = q * (a + b * q) + c * q * q * (1 - q) - member * (gamma + beta * q * (1 - q))
-            assert float(got[r, i]) == pytest.approx(want, rel=1e-12, abs=1e-14)
-    assert (got[1] == 0).all()
-    with pytest.raises(ValueError, match=r"coef: expected shape \(R=4, 5\)"):
+            assert float(got[r, i]) == pytest.approx(want, rel=tol, abs=tol)
+    assert (got[1] == 0).all() and (got[5] == 0).all()
+    assert (fused.row_grad(x, ids, torch.full((6,), fused.NO_INSTANCE), coef * 0) == 0).all()
+    with pytest.raises(ValueError, match=r"coef: expected shape \(R=6, 5\)"):
         fused.row_grad(x, ids, inst, coef[:, :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_lazy_zeros_are_zeros_and_writable(dtype):
+    z = fused.lazy_zeros((300, 5000), dtype)
+    assert z.shape == (300, 5000) and z.dtype == dtype and z.is_contiguous()
+    assert int(torch.count_nonzero(z)) == 0
+    z[7] = 3
+    assert int(torch.count_nonzero(z)) == 5000 and float(z.sum()) == 15000
+    assert fused.lazy_zeros((0, 4), dtype).shape == (0, 4)
 
 
 def test_row_stats_shape_errors():

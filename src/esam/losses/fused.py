@@ -5,9 +5,9 @@ superpoint), so on a ``(Q, N)`` point-level layer every sum the mask costs and l
 per-row sum: the row totals of ``softplus(x)``, ``sigmoid(x)``, ``sigmoid(x)**2`` and of the
 binarised mask, and the same sums over the members of the row's instance. One pass over the
 logits computes all of them (`row_stats`); the analytic gradient of the matched BCE and Dice
-losses is one more pass that writes the ``(Q, N)`` gradient (`row_grad`), with no gather of the
-instances' members; it serves any matcher that gives each query at most one pair (Hungarian
-matching too).
+losses is one more pass over the matched rows that writes them into an otherwise untouched
+``(Q, N)`` gradient (`row_grad`), with no gather of the instances' members; it serves any matcher
+that gives each query at most one pair (Hungarian matching too).
 
 With torch ops this takes a blocked sweep of several passes plus a gather of each pair's
 members. `torch.compile` (inductor) fuses each into one vectorised, multi-threaded loop that
@@ -27,6 +27,8 @@ the number of such elements.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import warnings
 from collections.abc import Callable
@@ -34,8 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "applies", "is_enabled", "row_grad", "row_instances",
-           "row_stats", "set_enabled"]
+__all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "applies", "is_enabled", "lazy_zeros", "row_grad",
+           "row_instances", "row_stats", "set_enabled"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
@@ -88,12 +90,31 @@ def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
                         (member * x).sum(1), (member * q()).sum(1), (member * hit()).sum(1)])
 
 
-def _grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor:
-    q = torch.sigmoid(x)
+def _grad(out: Tensor, x: Tensor, rows: Tensor, ids: Tensor, inst: Tensor, coef: Tensor
+          ) -> Tensor:
+    # writes rows ``rows`` of ``out`` in place: the gather, the formula and the scatter are
+    # one loop over the selected rows, and no other row of ``out`` is touched
+    xr = x.index_select(0, rows)  # (U, P)
+    q = torch.sigmoid(xr)
     qq = q * (1 - q)
-    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)  # (R, P)
+    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)  # (U, P)
     a, b, c, gamma, beta = (coef[:, i:i + 1] for i in range(5))
-    return q * (a + q * b) + c * q * qq - member * (gamma + beta * qq)
+    return out.index_copy_(0, rows, q * (a + q * b) + c * q * qq - member * (gamma + beta * qq))
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A CPU tensor of zeros whose memory the OS supplies on first write.
+
+    An anonymous memory mapping reads as zeros until a page is written, so the rows of a
+    gradient that stay zero cost neither a write nor a page fault. ``torch.zeros`` writes every
+    byte: for a large, freshly allocated buffer that means one page fault per 4 KiB, which on
+    the matched mask losses' ``(Q, N)`` gradients (K of Q rows non-zero) took more time than
+    computing the rows that matter. The mapping is released with the tensor.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 def _run(name: str, fn: Callable, *args: Tensor) -> Tensor | None:
@@ -151,9 +172,16 @@ def row_grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor | Non
         coef: ``(R, 5)`` columns ``a, b, c, gamma, beta``.
 
     Returns:
-        The gradient, or None when the kernel could not be compiled.
+        The gradient, or None when the kernel could not be compiled. Only the rows with a pair
+        or non-zero coefficients are computed and written; the others are `lazy_zeros`.
     """
     _check(x, ids, inst)
     if coef.shape != (x.shape[0], 5):
         raise ValueError(f"coef: expected shape (R={x.shape[0]}, 5), got {tuple(coef.shape)}")
-    return _run("grad", _grad, x, ids, inst, coef.to(x.dtype))
+    rows = ((inst != NO_INSTANCE) | (coef != 0).any(1)).nonzero().squeeze(1)
+    out = lazy_zeros(tuple(x.shape), x.dtype)
+    if len(rows) == 0:
+        return out
+    done = _run("grad", _grad, out, x, rows, ids, inst.index_select(0, rows),
+                coef.index_select(0, rows).to(x.dtype))
+    return None if done is None else out

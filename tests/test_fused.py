@@ -48,13 +48,16 @@ def _loop_stats(x, ids, inst):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_row_stats_equal_loops(dtype):
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(6, 53, generator=g, dtype=torch.float64) * 4)
+@pytest.mark.parametrize("p", [53, 128, 203])  # rows shorter than a chunk, whole chunks, a tail
+def test_row_stats_equal_loops(dtype, p):
+    g = torch.Generator().manual_seed(p)
+    x = (torch.randn(6, p, generator=g, dtype=torch.float64) * 4)
     x[0, :5] = torch.tensor([80.0, -80.0, 1e4, -1e4, 0.0], dtype=torch.float64)  # huge, and 0
+    x[0, -3:] = torch.tensor([-1e4, 1e4, -90.0], dtype=torch.float64)  # and in the tail
     x[1] = 1e-3 * x[1]  # near the binarisation threshold, but not within rounding of it
+    x[5] = -x[5].abs() - 12  # every probability tiny: products of many factors close to 1
     x = x.to(dtype)
-    ids = torch.randint(-1, 4, (53,), generator=g)
+    ids = torch.randint(-1, 4, (p,), generator=g)
     inst = torch.tensor([0, 3, fused.NO_INSTANCE, 1, 2, 0])
     got = fused.row_stats(x, ids, inst)
     assert got is not None and got.dtype == dtype and got.shape == (7, 6)

@@ -74,20 +74,46 @@ def row_instances(rows: Tensor, inst: Tensor, num_rows: int) -> Tensor | None:
     return out.index_put_((rows,), inst.long())
 
 
-def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
-    # sigmoid(x) is written once per use on purpose: one shared node feeding seven reductions
-    # makes inductor store it as an (R, P) buffer (10 MB per 20k-point layer, page-faulted in
-    # on every call); separate uses are inlined, and the kernel's CSE computes it once anyway.
-    def q() -> Tensor:
-        return torch.sigmoid(x)
+_CHUNK = 64  # positions per product in `row_stats` (each factor is in [1/2, 1]: no underflow)
+
+
+def _sums(x: Tensor, member: Tensor, chunked: bool) -> Tensor:
+    """The seven per-row sums over the last dim of ``x`` (``(R, T)``, or ``(R, C, L)`` chunks)."""
+    # Every intermediate is written once per use on purpose: one shared node feeding several
+    # reductions makes inductor store it as a buffer of the logits' size (10 MB per 20k-point
+    # layer, page-faulted in on every call); separate uses are inlined, and the kernel's CSE
+    # computes each once anyway.
+    def e() -> Tensor:  # exp(-|x|), in (0, 1]
+        return torch.exp(-x.abs())
+
+    def r() -> Tensor:  # sigmoid(|x|), in [1/2, 1]
+        return 1 / (1 + e())
+
+    def q() -> Tensor:  # sigmoid(x)
+        return torch.where(x >= 0, r(), e() * r())
 
     def hit() -> Tensor:
         return (q() >= 0.5).to(x.dtype)
 
-    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)  # (R, P)
-    softplus = x.clamp(min=0) - torch.log(torch.maximum(q(), 1 - q()))  # reuses q: one log
-    return torch.stack([softplus.sum(1), q().sum(1), (q() * q()).sum(1), hit().sum(1),
-                        (member * x).sum(1), (member * q()).sum(1), (member * hit()).sum(1)])
+    # softplus(x) = max(x, 0) + log(1 + exp(-|x|)) = max(x, 0) - log r. A logarithm per element
+    # costs more than the rest of the pass together; over a chunk of L positions the sum of
+    # -log r is -log of the product of the r, one logarithm per chunk.
+    log_part = -torch.log(torch.prod(r(), -1)) if chunked else torch.log1p(e()).sum(-1)
+    member = member.to(x.dtype)
+    return torch.stack([x.clamp(min=0).sum(-1) + log_part, q().sum(-1), (q() * q()).sum(-1),
+                        hit().sum(-1), (member * x).sum(-1), (member * q()).sum(-1),
+                        (member * hit()).sum(-1)])
+
+
+def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+    r, n = x.shape
+    if n < _CHUNK:
+        return _sums(x, ids.unsqueeze(0) == inst.unsqueeze(1), False)
+    c = n // _CHUNK
+    m = c * _CHUNK
+    main = _sums(x[:, :m].reshape(r, c, _CHUNK),
+                 ids[:m].reshape(1, c, _CHUNK) == inst.view(r, 1, 1), True).sum(-1)
+    return main + _sums(x[:, m:], ids[m:].unsqueeze(0) == inst.unsqueeze(1), False)
 
 
 def _grad(out: Tensor, x: Tensor, rows: Tensor, ids: Tensor, inst: Tensor, coef: Tensor

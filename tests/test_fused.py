@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import torch
 
 from benchmarks.released_reference import released_mixed_instance_loss
 from esam.config import esam_preset
-from esam.losses import fused
+from esam.losses import ESAMCriterion, fused
+from esam.losses import criterion as criterion_module
 from esam.losses import functional as LF
 from esam.losses import matcher as matcher_module
 from esam.losses.criterion import build_instance_criterion
@@ -35,7 +37,7 @@ def _softplus(x: float) -> float:
 
 
 def _loop_stats(x, ids, inst):
-    out = torch.zeros(7, x.shape[0], dtype=torch.float64)
+    out = torch.zeros(8, x.shape[0], dtype=torch.float64)
     for r in range(x.shape[0]):
         for i in range(x.shape[1]):
             v = float(x[r, i])
@@ -43,7 +45,7 @@ def _loop_stats(x, ids, inst):
             hit = 1.0 if q >= 0.5 else 0.0
             member = int(ids[i]) == int(inst[r])
             out[:, r] += torch.tensor([_softplus(v), q, q * q, hit, v * member, q * member,
-                                       hit * member], dtype=torch.float64)
+                                       hit * member, v], dtype=torch.float64)
     return out
 
 
@@ -60,7 +62,7 @@ def test_row_stats_equal_loops(dtype, p):
     ids = torch.randint(-1, 4, (p,), generator=g)
     inst = torch.tensor([0, 3, fused.NO_INSTANCE, 1, 2, 0])
     got = fused.row_stats(x, ids, inst)
-    assert got is not None and got.dtype == dtype and got.shape == (7, 6)
+    assert got is not None and got.dtype == dtype and got.shape == (8, 6)
     assert torch.isfinite(got).all()
     want = _loop_stats(x.double(), ids, inst)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -258,3 +260,82 @@ def test_seed_preset_gradient_with_the_kernel_equals_torch_ops(force_fused):
     torch.testing.assert_close(loss_fused, loss_ops, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads_fused, grads_ops):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# -- the NaN/Inf check riding on the statistics pass --------------------------------------------
+
+def _criterion():
+    cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
+    cfg.loss_weight.sem = 0.0  # the batch has no semantic logits
+    return ESAMCriterion(cfg)
+
+
+def _sparse_batch(seed=3):
+    preds, targets = make_batch([(24, 5, 300), (20, 4, 250)], seed=seed, dtype=torch.float32,
+                                c=1, s=20, levels=("superpoint", "point", "point"))
+    return preds, _one_instance_per_query(targets, seed=seed + 1)
+
+
+def _exact_checks(monkeypatch):
+    """Record the names of the tensors the criterion checks element by element."""
+    seen = []
+    real = criterion_module.check_finite
+
+    def spy(named):
+        seen.extend(n for n, _ in named)
+        return real(named)
+
+    monkeypatch.setattr(criterion_module, "check_finite", spy)
+    return seen
+
+
+def test_stats_pass_stands_in_for_the_finite_check(force_fused, monkeypatch):
+    preds, targets = _sparse_batch()
+    crit = _criterion()
+    seen = _exact_checks(monkeypatch)
+    crit(preds, targets)
+    point = [f"predictions[{b}].layers[{i}].mask_logits" for b in range(2) for i in (1, 2)]
+    assert not set(point) & set(seen)  # the fused pass vouched for them
+    assert "predictions[1].layers[2].cls_logits" in seen  # everything else: checked on its own
+    seen.clear()
+    previous = fused.set_enabled(False)
+    try:
+        crit(preds, targets)
+    finally:
+        fused.set_enabled(previous)
+    assert set(point) <= set(seen)  # no pass: each is checked on its own
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [(0, 1, 3, 7), (1, 2, 19, 249), (1, 1, 0, 0)])
+def test_non_finite_logit_found_by_the_stats_pass_is_named(force_fused, value, where):
+    preds, targets = _sparse_batch()
+    b, layer, row, col = where
+    with torch.no_grad():
+        preds[b].layers[layer].mask_logits[row, col] = value
+    crit = _criterion()
+    with pytest.raises(ValueError, match=re.escape(f"predictions[{b}].layers[{layer}]."
+                                                   "mask_logits: expected finite values")):
+        crit(preds, targets)
+
+
+def test_overflowing_row_totals_of_finite_logits_are_not_an_error(force_fused):
+    preds, targets = _sparse_batch()
+    with torch.no_grad():
+        preds[0].layers[1].mask_logits[2] = 3e38  # finite; their row total overflows to inf
+    crit = _criterion()
+    assert torch.isfinite(crit(preds, targets)["loss"])
+
+
+def test_watch_outside_a_criterion():
+    x = torch.randn(4, 300)
+    bad = x.clone()
+    bad[1, 5] = float("nan")
+    ids, inst = torch.randint(-1, 3, (300,)), torch.tensor([0, 1, 2, fused.NO_INSTANCE])
+    unread = torch.zeros(3)
+    with fused.watch_finite([x, bad, unread]) as watch:
+        fused.row_stats(x, ids, inst)
+        fused.row_stats(bad, ids, inst)
+    assert not watch.unverified(x) and watch.unverified(bad)
+    assert watch.unverified(unread)  # never read by a pass
+    fused.row_stats(x, ids, inst)  # no watch: nothing to record

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from esam.config import ESAMLossConfig, config_from_dict, load_config, preset
+from esam.losses import fused
 from esam.losses.clip import ClipConsCriterion
 from esam.losses.cross_frame import CrossFrameCriterion
 from esam.losses.instance import InstanceCriterion, InstanceWeights, MixedInstanceCriterion
@@ -117,8 +118,10 @@ class ESAMCriterion(nn.Module):
             raise ValueError("predictions/targets: expected a sequence of B FramePrediction / "
                              "FrameTarget (one per sample), got a single object")
         if self.config.check_finite and check:
-            check_finite([t for b, p in enumerate(predictions)
-                          for t in prediction_tensors(p, f"predictions[{b}]")])
+            return self._finite_checked(
+                [t for b, p in enumerate(predictions)
+                 for t in prediction_tensors(p, f"predictions[{b}]")],
+                lambda: self.single_view(predictions, targets, check=False))
         w = self.config.loss_weight
         out: dict[str, Tensor] = {}
         inst, indices = self.instance.compute(predictions, targets)
@@ -180,7 +183,11 @@ class ESAMCriterion(nn.Module):
                           for t, m in enumerate(p.match_logits or [])]
                 named += [(f"predictions[{b}].tdt_features[{t}]", m)
                           for t, m in enumerate(p.tdt_features or [])]
-            check_finite(named)
+            return self._finite_checked(named, lambda: self._multi_view(predictions, targets, v))
+        return self._multi_view(predictions, targets, v)
+
+    def _multi_view(self, predictions: Sequence[SequencePrediction],
+                    targets: Sequence[SequenceTarget], v: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         indices = []  # [frame][sample] final-layer assignment
         for f in range(v):
@@ -209,6 +216,29 @@ class ESAMCriterion(nn.Module):
                     out[name] = val
             total = total + w.merge * merge["loss"]
         out["loss"] = total
+        return out
+
+    @staticmethod
+    def _finite_checked(named: list[tuple[str, Tensor]], compute):
+        """``compute()`` with the NaN/Inf check of the ``named`` prediction tensors.
+
+        Large CPU mask logits are checked by the fused statistics pass that reads them anyway
+        (`esam.losses.fused.watch_finite`) instead of by a separate read; whatever that pass did
+        not vouch for is checked exactly afterwards, so the error, naming the tensor, is the
+        same either way.
+        """
+        late = [(n, t) for n, t in named if n.endswith(".mask_logits") and fused.applies(t)]
+        late_ids = {id(t) for _, t in late}
+        check_finite([(n, t) for n, t in named if id(t) not in late_ids])
+        if not late:
+            return compute()
+        with fused.watch_finite(t for _, t in late) as watch:
+            try:
+                out = compute()
+            except Exception:
+                check_finite(late)  # a NaN/Inf behind the failure is the error to report
+                raise
+        check_finite([(n, t) for n, t in late if watch.unverified(t)])
         return out
 
     @staticmethod

@@ -27,17 +27,19 @@ the number of such elements.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import mmap
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "applies", "is_enabled", "lazy_zeros", "row_grad",
-           "row_instances", "row_stats", "set_enabled"]
+__all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies", "is_enabled", "lazy_zeros",
+           "row_grad", "row_instances", "row_stats", "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
@@ -78,7 +80,7 @@ _CHUNK = 64  # positions per product in `row_stats` (each factor is in [1/2, 1]:
 
 
 def _sums(x: Tensor, member: Tensor, chunked: bool) -> Tensor:
-    """The seven per-row sums over the last dim of ``x`` (``(R, T)``, or ``(R, C, L)`` chunks)."""
+    """The eight per-row sums over the last dim of ``x`` (``(R, T)``, or ``(R, C, L)`` chunks)."""
     # Every intermediate is written once per use on purpose: one shared node feeding several
     # reductions makes inductor store it as a buffer of the logits' size (10 MB per 20k-point
     # layer, page-faulted in on every call); separate uses are inlined, and the kernel's CSE
@@ -102,18 +104,17 @@ def _sums(x: Tensor, member: Tensor, chunked: bool) -> Tensor:
     member = member.to(x.dtype)
     return torch.stack([x.clamp(min=0).sum(-1) + log_part, q().sum(-1), (q() * q()).sum(-1),
                         hit().sum(-1), (member * x).sum(-1), (member * q()).sum(-1),
-                        (member * hit()).sum(-1)])
+                        (member * hit()).sum(-1), x.sum(-1)])
 
 
-def _stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
-    r, n = x.shape
-    if n < _CHUNK:
-        return _sums(x, ids.unsqueeze(0) == inst.unsqueeze(1), False)
-    c = n // _CHUNK
-    m = c * _CHUNK
-    main = _sums(x[:, :m].reshape(r, c, _CHUNK),
-                 ids[:m].reshape(1, c, _CHUNK) == inst.view(r, 1, 1), True).sum(-1)
-    return main + _sums(x[:, m:], ids[m:].unsqueeze(0) == inst.unsqueeze(1), False)
+def _chunk_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+    # x (R, C, L), ids (C, L), inst (R,)
+    return _sums(x, ids.unsqueeze(0) == inst.view(-1, 1, 1), True).sum(-1)
+
+
+def _row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+    # x (R, T), ids (T,), inst (R,)
+    return _sums(x, ids.unsqueeze(0) == inst.unsqueeze(1), False)
 
 
 def _grad(out: Tensor, x: Tensor, rows: Tensor, ids: Tensor, inst: Tensor, coef: Tensor
@@ -175,12 +176,72 @@ def row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor | None:
         inst: ``(R,)`` the instance of each row's pair, `NO_INSTANCE` for a row without one.
 
     Returns:
-        ``(7, R)``: the row totals of ``softplus(x)``, ``q = sigmoid(x)``, ``q**2`` and
+        ``(8, R)``: the row totals of ``softplus(x)``, ``q = sigmoid(x)``, ``q**2`` and
         ``[q >= 0.5]``, then the sums of ``x``, ``q`` and ``[q >= 0.5]`` over the positions of
-        the row's instance; None when the kernel could not be compiled.
+        the row's instance, then the row totals of ``x`` (finite exactly when every logit is,
+        barring overflow: see `watch_finite`); None when the kernel could not be compiled.
     """
     _check(x, ids, inst)
-    return _run("stats", _stats, x, ids, inst)
+    r, n = x.shape
+    c = n // _CHUNK
+    m = c * _CHUNK
+    # whole chunks, then the tail: two kernels (one when either is empty), so that no size is
+    # a special case inside a compiled graph (each would be a recompilation)
+    stats = None
+    if c:
+        stats = _run("stats", _chunk_stats, x[:, :m].view(r, c, _CHUNK),
+                     ids[:m].view(c, _CHUNK), inst)
+    if n > m and (stats is not None or not c):
+        tail = _run("stats_tail", _row_stats, x[:, m:], ids[m:], inst)
+        stats = tail if stats is None or tail is None else stats + tail
+    if n == 0:
+        stats = x.new_zeros(8, r)
+    watch = _watch.get()
+    if stats is not None and watch is not None:
+        watch.saw(x, stats[7])
+    return stats
+
+
+class FiniteWatch:
+    """Logits whose NaN/Inf check rides on `row_stats` (see `watch_finite`)."""
+
+    def __init__(self, tensors: Iterable[Tensor]):
+        self._pending = {_key(t): t for t in tensors}
+
+    def saw(self, x: Tensor, row_totals: Tensor) -> None:
+        key = _key(x)
+        if key in self._pending and bool(torch.isfinite(row_totals).all()):
+            del self._pending[key]  # a finite sum of every element: each one is finite
+
+    def unverified(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` still needs its own check: no pass saw it, or its row totals
+        were not finite (a NaN/Inf, or an overflow that the exact check tells apart)."""
+        return _key(tensor) in self._pending
+
+
+def _key(t: Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+_watch: contextvars.ContextVar[FiniteWatch | None] = contextvars.ContextVar(
+    "esam_fused_finite_watch", default=None)
+
+
+@contextlib.contextmanager
+def watch_finite(tensors: Iterable[Tensor]) -> Iterator[FiniteWatch]:
+    """Let `row_stats` passes over any of ``tensors`` stand in for their NaN/Inf check.
+
+    The pass is compute-bound, so the extra row sum is free, while a separate check is one more
+    read of every logit. The caller checks what the watch leaves `unverified` afterwards: a
+    tensor no pass read (another matcher, a copy in another dtype) or one whose totals were not
+    finite.
+    """
+    watch = FiniteWatch(tensors)
+    token = _watch.set(watch)
+    try:
+        yield watch
+    finally:
+        _watch.reset(token)
 
 
 def row_grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor | None:

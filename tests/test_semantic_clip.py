@@ -45,6 +45,33 @@ def test_superpoint_targets_pool_by_plurality_with_unlabeled_votes():
     assert out.item() == pytest.approx(ref)
 
 
+def _loop_pool(labels, sp, s, v, ignore, mode):
+    out = []
+    for j in range(s):
+        votes = [int(labels[i]) for i in range(len(sp)) if int(sp[i]) == j]
+        valid = [x for x in votes if 0 <= x < v and x != ignore]
+        counts = [valid.count(x) for x in range(v)]
+        if mode == "plurality":
+            counts.append(len(votes) - len(valid))  # unlabeled points vote for "ignore"
+            best = max(range(v + 1), key=lambda x: (counts[x], -x))  # ties: smallest label
+            out.append(best if votes and best < v else ignore)
+        else:
+            best = max(range(v), key=lambda x: (counts[x], -x)) if v else 0
+            out.append(best if v and 2 * counts[best] > len(votes) else ignore)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["plurality", "majority"])
+@pytest.mark.parametrize("seed", range(4))
+def test_pooling_to_superpoints_equals_a_loop_over_votes(mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, s, v = 60, 9, 3  # few labels per superpoint: many ties
+    labels = torch.randint(-1, v + 1, (n,), generator=g)  # -1 and v: unlabeled / ignore
+    sp = torch.randint(0, s - 1, (n,), generator=g)  # the last superpoint gets no point
+    got = pool_to_superpoints(labels, sp, s, v, ignore_value=v, mode=mode)
+    assert got.tolist() == _loop_pool(labels, sp, s, v, v, mode)
+
+
 def test_all_unlabeled_sample_is_skipped_not_nan():
     crit = ScanNetSemanticCriterion(num_classes=3)
     z1 = torch.randn(4, 3, requires_grad=True)

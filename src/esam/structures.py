@@ -267,9 +267,12 @@ def pool_to_superpoints(labels: Tensor, superpoints: Tensor, num_superpoints: in
         return torch.full((num_superpoints,), ignore_value, dtype=torch.long, device=labels.device)
     valid = (labels >= 0) & (labels < num_values) & (labels != ignore_value)
     sp = superpoints.long()
-    counts = torch.zeros(num_superpoints, num_values + 1, device=labels.device)
     lab = torch.where(valid, labels.long(), torch.full_like(labels.long(), num_values))
-    counts.index_put_((sp, lab), torch.ones_like(sp, dtype=counts.dtype), accumulate=True)
+    # (S, V+1) votes: one bincount of the flat (superpoint, label) cell, cheaper than a 2-D
+    # accumulating index_put
+    counts = torch.bincount(sp * (num_values + 1) + lab,
+                            minlength=num_superpoints * (num_values + 1))
+    counts = counts.view(num_superpoints, num_values + 1)
     total = counts.sum(1)  # (S,) every point, voters or not
     if mode == "plurality":
         # Unlabeled points vote too (for "ignore"), as ESAM's argmax over C+1 frequencies does;
@@ -278,7 +281,7 @@ def pool_to_superpoints(labels: Tensor, superpoints: Tensor, num_superpoints: in
         keep = (best < num_values) & (total > 0)
     else:
         best_count, best = counts[:, :num_values].max(1)
-        keep = best_count > 0.5 * total
+        keep = 2 * best_count > total
     return torch.where(keep, best, torch.full_like(best, ignore_value))
 
 

@@ -214,6 +214,26 @@ def test_failed_compile_warns_once_and_falls_back(force_fused, monkeypatch):
                                                        rel=1e-5)
 
 
+def test_recompile_limit_falls_back_for_that_call_only(force_fused, monkeypatch):
+    class FailOnRecompileLimitHit(Exception):  # the name torch._dynamo.exc raises under
+        pass
+
+    def limited(x, *args):
+        if x.shape[0] == 1:
+            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+        return x.new_ones(8, x.shape[0])
+
+    monkeypatch.setattr(fused, "_compiled", {"stats": limited, "stats_tail": limited})
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setattr(fused, "_limit_warned", False)
+    ids = torch.zeros(100, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="recompile_limit was reached"):
+        assert fused.row_stats(torch.zeros(1, 100), ids, torch.zeros(1, dtype=torch.long)) is None
+    assert fused.is_enabled()  # the usual shapes keep their kernels
+    got = fused.row_stats(torch.zeros(3, 100), ids, torch.zeros(3, dtype=torch.long))
+    assert got is not None and got.shape == (8, 3)
+
+
 def test_applies_only_to_large_cpu_float_layers():
     assert fused.applies(torch.zeros(1024, 1024)) == fused.is_enabled()
     assert not fused.applies(torch.zeros(1023, 1024))

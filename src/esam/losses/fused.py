@@ -47,6 +47,7 @@ NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= 
 _enabled = os.environ.get("ESAM_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 _compiled: dict[str, Callable] = {}
 _failed = False
+_limit_warned = False
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -145,17 +146,34 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def _run(name: str, fn: Callable, *args: Tensor) -> Tensor | None:
-    global _failed
+    global _limit_warned
     try:
         if name not in _compiled:
             _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
         return _compiled[name](*args)
-    except Exception as err:  # no compiler, unsupported platform, ...: keep the torch-op paths
-        _failed = True
-        warnings.warn(f"esam.losses.fused: compiling the fused mask kernels failed ({err!r:.200}); "
-                      "using the torch-op paths (same values, slower). Set ESAM_FUSED=0 to skip "
-                      "the attempt.", RuntimeWarning, stacklevel=3)
+    except Exception as err:
+        if type(err).__name__ != "FailOnRecompileLimitHit":  # torch._dynamo.exc's
+            _disable(err)
+            return None
+        # Shapes are dynamic, but sizes 0 and 1 (and each dtype) get graphs of their own; a
+        # run of unusual shapes can exhaust torch._dynamo's recompile_limit. Those calls take
+        # the torch-op path; the graphs compiled so far keep serving the usual shapes.
+        if not _limit_warned:
+            _limit_warned = True
+            warnings.warn("esam.losses.fused: torch._dynamo's recompile_limit was reached for "
+                          f"the {name!r} kernel; inputs of new size patterns use the torch-op "
+                          "paths (same values, slower). Raise torch._dynamo.config."
+                          "recompile_limit to compile more.", RuntimeWarning, stacklevel=3)
         return None
+
+
+def _disable(err: Exception) -> None:
+    """No compiler, an unsupported platform, ...: keep the torch-op paths from now on."""
+    global _failed
+    _failed = True
+    warnings.warn(f"esam.losses.fused: compiling the fused mask kernels failed ({err!r:.200}); "
+                  "using the torch-op paths (same values, slower). Set ESAM_FUSED=0 to skip "
+                  "the attempt.", RuntimeWarning, stacklevel=4)
 
 
 def _check(x: Tensor, ids: Tensor, inst: Tensor) -> None:

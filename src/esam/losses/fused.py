@@ -4,7 +4,8 @@ ESAM's sparse matcher lets each query compete for one GT instance only (the inst
 superpoint), so on a ``(Q, N)`` point-level layer every sum the mask costs and losses need is a
 per-row sum: the row totals of ``softplus(x)``, ``sigmoid(x)``, ``sigmoid(x)**2`` and of the
 binarised mask, and the same sums over the members of the row's instance. One pass over the
-logits computes all of them (`row_stats`); the analytic gradient of the matched BCE and Dice
+logits computes all of them (`row_stats`), and its row totals of the logits stand in for their
+NaN/Inf check (`watch_finite`); the analytic gradient of the matched BCE and Dice
 losses is one more pass over the matched rows that writes them into an otherwise untouched
 ``(Q, N)`` gradient (`row_grad`), with no gather of the instances' members; it serves any matcher
 that gives each query at most one pair (Hungarian matching too).
@@ -20,9 +21,10 @@ say: a warning says so once), the callers keep their torch-op paths, which compu
 values. Set the environment variable ``ESAM_FUSED=0``, or call ``set_enabled(False)``, to turn
 the kernels off.
 
-The binarised mask is ``sigmoid(x) >= 0.5`` with the compiled sigmoid, which may round
+The binarised mask is ``sigmoid(x) >= 0.5`` with the kernels' sigmoid, which may round
 differently from PyTorch's eager one for ``|x|`` below about ``1e-7``; counts can then differ by
-the number of such elements.
+the number of such elements. Like the torch-op path, the float32 softplus sum loses the terms
+below float32's resolution at 1 (``x`` below about -17, each term under 4e-8).
 """
 
 from __future__ import annotations

@@ -105,6 +105,13 @@ def test_lazy_zeros_are_zeros_and_writable(dtype):
     assert fused.lazy_zeros((0, 4), dtype).shape == (0, 4)
 
 
+def test_no_positions_give_zero_sums_and_gradients():
+    x, ids, inst = torch.zeros(3, 0), torch.zeros(0, dtype=torch.long), torch.tensor([0, 1, -2])
+    assert torch.equal(fused.row_stats(x, ids, inst), torch.zeros(8, 3))
+    grad = fused.row_grad(x, ids, inst, torch.ones(3, 5))
+    assert grad.shape == (3, 0)
+
+
 def test_row_stats_shape_errors():
     x = torch.zeros(3, 5)
     with pytest.raises(ValueError, match=r"ids: expected shape \(P=5,\)"):

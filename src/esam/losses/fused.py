@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies", "is_enabled", "lazy_zeros",
-           "row_grad", "row_instances", "row_stats", "set_enabled", "watch_finite"]
+           "one_pair_per_row", "row_grad", "row_instances", "row_stats", "set_enabled",
+           "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
@@ -70,10 +71,15 @@ def applies(x: Tensor) -> bool:
             and x.dim() == 2 and x.numel() >= MIN_ELEMENTS)
 
 
+def one_pair_per_row(rows: Tensor, num_rows: int) -> bool:
+    """Whether the pairs with rows ``rows (A,)`` give every row at most one pair."""
+    return not len(rows) or int(torch.bincount(rows, minlength=num_rows).max()) <= 1
+
+
 def row_instances(rows: Tensor, inst: Tensor, num_rows: int) -> Tensor | None:
     """``(R,)`` the instance of each row's pair (`NO_INSTANCE` for a row without one), from
     pairs ``(rows (A,), inst (A,))``; None when some row has several pairs."""
-    if len(rows) and int(torch.bincount(rows, minlength=num_rows).max()) > 1:
+    if not one_pair_per_row(rows, num_rows):
         return None
     out = torch.full((num_rows,), NO_INSTANCE, dtype=torch.long, device=rows.device)
     return out.index_put_((rows,), inst.long())
@@ -207,17 +213,19 @@ def row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor | None:
     m = c * _CHUNK
     # whole chunks, then the tail: two kernels (one when either is empty), so that no size is
     # a special case inside a compiled graph (each would be a recompilation)
-    stats = None
+    stats = x.new_zeros(8, r) if n == 0 else None
     if c:
         stats = _run("stats", _chunk_stats, x[:, :m].view(r, c, _CHUNK),
                      ids[:m].view(c, _CHUNK), inst)
-    if n > m and (stats is not None or not c):
+        if stats is None:
+            return None
+    if n > m:
         tail = _run("stats_tail", _row_stats, x[:, m:], ids[m:], inst)
-        stats = tail if stats is None or tail is None else stats + tail
-    if n == 0:
-        stats = x.new_zeros(8, r)
+        if tail is None:
+            return None
+        stats = tail if stats is None else stats + tail
     watch = _watch.get()
-    if stats is not None and watch is not None:
+    if watch is not None:
         watch.saw(x, stats[7])
     return stats
 
@@ -226,12 +234,12 @@ class FiniteWatch:
     """Logits whose NaN/Inf check rides on `row_stats` (see `watch_finite`)."""
 
     def __init__(self, tensors: Iterable[Tensor]):
-        self._pending = {_key(t): t for t in tensors}
+        self._pending = {_key(t) for t in tensors}
 
     def saw(self, x: Tensor, row_totals: Tensor) -> None:
         key = _key(x)
         if key in self._pending and bool(torch.isfinite(row_totals).all()):
-            del self._pending[key]  # a finite sum of every element: each one is finite
+            self._pending.discard(key)  # a finite sum of every element: each one is finite
 
     def unverified(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` still needs its own check: no pass saw it, or its row totals

@@ -252,8 +252,8 @@ class SparseMatcher(_Matcher):
         if allowed.shape[0] * positions * len(masks) < _PAIR_MODE_MIN_WORK:
             return None  # the GEMM is cheap: fewer ops than gathering
         row_inst = torch.argwhere(allowed)  # (A, 2)
-        if (masks.ids is not None and fused.applies(logits) and fused.row_instances(
-                row_inst[:, 0], row_inst[:, 1], allowed.shape[0]) is not None):
+        if (masks.ids is not None and fused.applies(logits)
+                and fused.one_pair_per_row(row_inst[:, 0], allowed.shape[0])):
             # one pair per row: the fused kernels read every sum in one pass, no gather
             return row_inst[:, 0], row_inst[:, 1]
         members = int(masks.members()[2][row_inst[:, 1]].sum())

@@ -112,6 +112,36 @@ def test_no_positions_give_zero_sums_and_gradients():
     assert grad.shape == (3, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_member_grad_equals_the_loop(dtype, monkeypatch):
+    monkeypatch.setattr(fused, "_enabled", True)
+    g = torch.Generator().manual_seed(5)
+    p, d, s = 23, 7, 5
+    segment = torch.randint(0, s, (p,), generator=g)
+    x = torch.randint(-2, 3, (p, d), generator=g).to(dtype)  # small integers: many ties
+    top = torch.full((s, d), -10.0, dtype=dtype).scatter_reduce(
+        0, segment.view(-1, 1).expand(p, d), x, "amax")
+    top[4] = float("nan")  # a segment whose rows never hit
+    share = torch.randn(s, d, generator=g, dtype=dtype)
+    spread = torch.randn(s, d, generator=g, dtype=dtype)
+    out = torch.randn(p, d, generator=g, dtype=dtype)
+    want = out.clone()
+    hits = 0
+    for j in range(p):
+        for c in range(d):
+            k = int(segment[j])
+            hit = bool(x[j, c] == top[k, c])
+            hits += hit
+            want[j, c] += spread[k, c] + (share[k, c] if hit else 0.0)
+    n = fused.member_grad(out, x, segment, top, share, spread)
+    assert int(n) == hits
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="segment"):
+        fused.member_grad(out, x, segment[:-1], top, share, spread)
+    with pytest.raises(ValueError, match="share"):
+        fused.member_grad(out, x, segment, top, share[:, :-1], spread)
+
+
 def test_row_stats_shape_errors():
     x = torch.zeros(3, 5)
     with pytest.raises(ValueError, match=r"ids: expected shape \(P=5,\)"):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.released_merge_reference import ReferenceMergeFast, ReferenceMergeSeal
+from esam.losses import fused
 from esam.losses.merge import (
     MergeCECriterion,
     ScanNetMergeCriterion_Fast,
@@ -45,6 +46,18 @@ def make_inputs(frames=(3, 2), instances=(4, 3), queries=(10, 7), dim=8, dtype=t
     return feats, masks
 
 
+@pytest.fixture(params=["torch-ops", "member-kernel"])
+def member_path(request, monkeypatch):
+    """Run a test on both backward paths of the member-pooled centres: torch ops, and the
+    fused `member_grad` kernel forced on at every size."""
+    if request.param == "member-kernel":
+        monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 0)
+        monkeypatch.setattr(fused, "_enabled", True)
+    else:
+        monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", float("inf"))
+    return request.param
+
+
 def leaves(feats):
     return [f for sample in feats for f in sample]
 
@@ -65,7 +78,7 @@ def assert_close(a, b, rtol, atol=0.0):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_fast_matches_reference(seed, dtype, rtol):
+def test_fast_matches_reference(seed, dtype, rtol, member_path):
     feats, masks = make_inputs(dtype=dtype, seed=seed)
     ref = ReferenceMergeFast()(feats, masks)
     ours = ScanNetMergeCriterion_Fast()(feats, masks)
@@ -165,7 +178,7 @@ def test_better_features_give_lower_loss():
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_seal_matches_reference_with_given_negatives(seed, dtype, rtol):
+def test_seal_matches_reference_with_given_negatives(seed, dtype, rtol, member_path):
     feats, masks = make_inputs(dtype=dtype, seed=seed)
     negatives = sample_seal_negatives(masks, torch.Generator().manual_seed(seed))
     ref = ReferenceMergeSeal()(feats, masks, negatives)
@@ -222,7 +235,7 @@ def test_seal_rejects_out_of_range_negatives():
 # Gradients and edge cases
 # ------------------------------------------------------------------------------------------
 
-def test_gradcheck_fast_and_seal():
+def test_gradcheck_fast_and_seal(member_path):
     feats, masks = make_inputs(frames=(2,), instances=(3,), queries=(6,), dim=4, seed=11,
                                p_absent=0.0)
     flat = leaves(feats)
@@ -252,7 +265,7 @@ def test_one_frame_gives_zero_tmp_connected_to_graph():
     assert_close(ours["loss"], ref["merge_loss_p2s"], 1e-10)
 
 
-def test_no_instances_gives_finite_zero_with_graph():
+def test_no_instances_gives_finite_zero_with_graph(member_path):
     feats, masks = make_inputs(frames=(2, 3), instances=(0, 0), seed=2)
     for crit in (ScanNetMergeCriterion_Fast(), ScanNetMergeCriterion_Seal()):
         out = crit(feats, masks)
@@ -262,7 +275,7 @@ def test_no_instances_gives_finite_zero_with_graph():
         assert f.grad is not None and torch.all(f.grad == 0)
 
 
-def test_every_instance_absent_in_a_frame():
+def test_every_instance_absent_in_a_frame(member_path):
     feats, masks = make_inputs(frames=(3,), instances=(3,), seed=3, p_absent=0.0)
     masks[0][1] = [torch.zeros(0, dtype=torch.long) for _ in range(3)]  # frame 1 sees nothing
     ref = ReferenceMergeFast()(feats, masks)
@@ -283,7 +296,7 @@ def test_huge_features_stay_finite():
             assert torch.isfinite(g).all()
 
 
-def test_int32_and_duplicate_indices_match_reference():
+def test_int32_and_duplicate_indices_match_reference(member_path):
     feats, masks = make_inputs(seed=9)
     masks = [[[torch.cat([t, t[:1]]).int() for t in frame] for frame in sample]
              for sample in masks]
@@ -296,7 +309,7 @@ def test_int32_and_duplicate_indices_match_reference():
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
-def test_max_ties_share_the_gradient():
+def test_max_ties_share_the_gradient(member_path):
     # two distinct queries with equal features tie in the max: together they get the gradient
     # the released code gives the first one
     feats, masks = make_inputs(frames=(2,), instances=(3,), queries=(8,), seed=12, p_absent=0.0)
@@ -456,28 +469,47 @@ def test_align_global_ids_hand_case():
         align_global_ids(pred, gt, torch.tensor([3]))
 
 
-def test_segment_chunks_keep_segments_whole_and_count_them():
-    from esam.losses.merge import _segment_chunks
-    g = torch.Generator().manual_seed(3)
-    sizes = torch.randint(0, 6, (40,), generator=g)  # some segments empty
-    segment = torch.repeat_interleave(torch.arange(40), sizes)
-    filled = int((sizes > 0).sum())
-    chunks = _segment_chunks(segment, filled, 7)
-    assert chunks[0][0] == 0 and chunks[-1][1] == len(segment) and len(chunks) > 1
-    for (a, b, n), (c, _, _) in zip(chunks, chunks[1:] + [(len(segment), 0, 0)]):
-        assert b == c and a < b
-        assert n == len(torch.unique(segment[a:b]))
-        if b < len(segment):
-            assert segment[b - 1] != segment[b]  # no segment split
-    assert sum(n for _, _, n in chunks) == filled
-    # out of order: one block
-    shuffled = segment[torch.randperm(len(segment), generator=g)]
-    assert _segment_chunks(shuffled, filled, 7) == [(0, len(segment), filled)]
+def test_member_layout_places_every_entry_and_counts_blocks(monkeypatch):
+    import esam.losses.merge as merge_module
+    # a short sample before a long one: missing grid frames between present ones
+    feats, masks = make_inputs(frames=(1, 3, 2), instances=(5, 2, 4), queries=(12, 9, 7),
+                               seed=4, p_absent=0.2)
+    monkeypatch.setattr(merge_module, "_CHUNK_ELEMENTS", 1)  # one frame per block
+    p = merge_module._pack(feats, masks)
+    lay = p.layout
+    b, v, k = p.shape
+    x = merge_module._GatherMembers.apply(lay, *leaves(feats)).detach()  # (F, R, d)
+    assert x.shape[1] == lay.rows
+    filled = []
+    for bi in range(b):
+        for t in range(v):
+            f = bi * v + t
+            if t >= len(masks[bi]):
+                assert lay.index[f] is None and (x[f] == 0).all()
+                assert (lay.segment[f * lay.rows:(f + 1) * lay.rows] == b * v * k).all()
+                filled.append(0)
+                continue
+            lists = masks[bi][t]
+            rows = torch.cat([idx for idx in lists]) if lists else torch.zeros(0, dtype=torch.long)
+            n = rows.numel()
+            assert torch.equal(x[f, :n], feats[bi][t].detach()[rows])
+            assert (x[f, n:] == 0).all()  # padding
+            seg = lay.segment[f * lay.rows:(f + 1) * lay.rows]
+            slots = torch.cat([torch.full((len(idx),), f * k + j) for j, idx in enumerate(lists)])
+            assert torch.equal(seg[:n], slots) and (seg[n:] == b * v * k).all()
+            for j, idx in enumerate(lists):  # the table walks each list, its last entry repeated
+                for i in range(lay.table.shape[-1]):
+                    if len(idx):
+                        want = feats[bi][t].detach()[idx[min(i, len(idx) - 1)]]
+                        assert torch.equal(x[f, lay.table[f, j, i]], want)
+            filled.append(sum(len(idx) > 0 for idx in lists))
+    assert lay.blocks == [(f, f + 1, filled[f]) for f in range(b * v)]
 
 
 @pytest.mark.parametrize("tmp", [True, False])
 def test_blocked_member_backward_equals_one_block(monkeypatch, tmp):
     import esam.losses.merge as merge_module
+    monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", float("inf"))  # the blocked torch ops
     feats, masks = make_inputs(frames=(3, 2), instances=(5, 4), queries=(12, 9), seed=13,
                                p_absent=0.1)
     # ties inside blocks: duplicate a feature row inside every frame
@@ -498,3 +530,31 @@ def test_blocked_member_backward_equals_one_block(monkeypatch, tmp):
     assert_close(blocked, whole, 1e-12)
     for a, b in zip(grads(blocked, feats), g_whole):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_member_kernel_gradient_equals_torch_ops(monkeypatch, ties):
+    """The fused member gradient against the blocked torch ops, on a batch large enough to
+    take the kernel at its default threshold, with and without exact ties of the max."""
+    feats, masks = make_inputs(frames=(3, 2), instances=(6, 5), queries=(40, 30), dim=300,
+                               dtype=torch.float64, seed=21, p_absent=0.1)
+    if ties:  # query 1 copies query 0 everywhere, both in instance 0's list
+        feats = [[f.detach().clone() for f in sample] for sample in feats]
+        for sample in feats:
+            for f in sample:
+                f[1] = f[0]
+                f.requires_grad_()
+        masks = [[[torch.cat([torch.tensor([0, 1]), t[t > 1]]) if k == 0 else t[t > 1]
+                   for k, t in enumerate(frame)] for frame in sample] for sample in masks]
+    crit = ScanNetMergeCriterion_Fast()
+    monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", float("inf"))
+    want = grads(crit(feats, masks)["loss"], feats)
+    monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 1 << 12)
+    calls = []
+    real = fused.member_grad
+    monkeypatch.setattr(fused, "member_grad", lambda *a: calls.append(1) or real(*a))
+    got = grads(crit(feats, masks)["loss"], feats)
+    assert calls, "the kernel was not used"
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)

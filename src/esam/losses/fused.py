@@ -1,4 +1,5 @@
-"""Fused kernels for the point-level mask terms of one-pair-per-row layers.
+"""Fused kernels for the point-level mask terms of one-pair-per-row layers, and for the
+gradient of the merge criteria's member-pooled centres (`member_grad`).
 
 ESAM's sparse matcher lets each query compete for one GT instance only (the instance of its seed
 superpoint), so on a ``(Q, N)`` point-level layer every sum the mask costs and losses need is a
@@ -40,11 +41,12 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies", "is_enabled", "lazy_zeros",
-           "one_pair_per_row", "row_grad", "row_instances", "row_stats", "set_enabled",
-           "watch_finite"]
+__all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
+           "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "row_grad",
+           "row_instances", "row_stats", "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
+MIN_MEMBER_ELEMENTS = 1 << 16  # the same for `member_grad`'s (rows x features)
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
 
 _enabled = os.environ.get("ESAM_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -65,10 +67,12 @@ def is_enabled() -> bool:
     return _enabled and not _failed
 
 
-def applies(x: Tensor) -> bool:
-    """Whether the fused kernels run on logits ``x``."""
+def applies(x: Tensor, min_elements: int | None = None) -> bool:
+    """Whether the fused kernels run on ``x`` (2-D; logits, or `member_grad`'s rows with
+    ``min_elements=MIN_MEMBER_ELEMENTS``; default `MIN_ELEMENTS`)."""
+    least = MIN_ELEMENTS if min_elements is None else min_elements
     return (is_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.dim() == 2 and x.numel() >= MIN_ELEMENTS)
+            and x.dim() == 2 and x.numel() >= least)
 
 
 def one_pair_per_row(rows: Tensor, num_rows: int) -> bool:
@@ -300,3 +304,43 @@ def row_grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor | Non
     done = _run("grad", _grad, out, x, rows, ids, inst.index_select(0, rows),
                 coef.index_select(0, rows).to(x.dtype))
     return None if done is None else out
+
+
+def _member_grad(out: Tensor, x: Tensor, segment: Tensor, top: Tensor, share: Tensor,
+                 spread: Tensor) -> Tensor:
+    hit = top.index_select(0, segment) == x  # (P, d)
+    out.add_(spread.index_select(0, segment) + hit.to(x.dtype) * share.index_select(0, segment))
+    return hit.sum()
+
+
+def member_grad(out: Tensor, x: Tensor, segment: Tensor, top: Tensor, share: Tensor,
+                spread: Tensor) -> Tensor | None:
+    """Add the gradient of per-segment means and element-wise maxima to ``out``, in place.
+
+    Row j of ``out`` gets ``spread[s] + [x[j] == top[s]] * share[s]`` (element-wise) with
+    ``s = segment[j]``: the mean's gradient already divided by the segment's size, and the
+    max's gradient wherever row j holds the maximum. One pass over the rows with no
+    temporaries of their size (the torch-op form takes five).
+
+    Args:
+        out: ``(P, d)`` gradient of the rows, updated in place.
+        x: ``(P, d)`` the rows.
+        segment: ``(P,)`` segment of each row, in ``[0, S)``.
+        top: ``(S, d)`` each segment's maximum (NaN never matches: a row that must not
+            receive the max's gradient can point at a NaN row).
+        share, spread: ``(S, d)`` the max's and the mean's gradient per segment.
+
+    Returns:
+        The number of (row, feature) hits of the maximum, a 0-d int64 tensor (more than one per
+        non-empty (segment, feature) means exact ties), or None when the kernel could not be
+        compiled.
+    """
+    if x.dim() != 2 or out.shape != x.shape:
+        raise ValueError(f"out, x: expected equal (P, d) shapes, got {tuple(out.shape)} and "
+                         f"{tuple(x.shape)}")
+    if segment.shape != (x.shape[0],):
+        raise ValueError(f"segment: expected shape (P={x.shape[0]},), got {tuple(segment.shape)}")
+    for name, t in (("top", top), ("share", share), ("spread", spread)):
+        if t.dim() != 2 or t.shape[1] != x.shape[1]:
+            raise ValueError(f"{name}: expected shape (S, d={x.shape[1]}), got {tuple(t.shape)}")
+    return _run("member_grad", _member_grad, out, x, segment, top, share, spread)

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from esam.losses import functional as LF
+from esam.losses import fused
 
 from esam.losses.functional import upcast
 
@@ -110,7 +111,7 @@ class _Packed:
     dim: int  # d
     member_slot: Tensor  # (E,) slot of every entry
     member_query: Tensor  # (E,) query of every entry in its frame
-    table: Tensor  # (F, K, M) query of the i-th member of k, the last one for shorter lists
+    table_entry: Tensor  # (F, K, M) entry of the i-th member of k, its last one for shorter lists
     counts: Tensor  # (B, V, K) members per instance and frame
     num_instances: Tensor  # (B,) K_b
     num_frames: list[int]  # V_b per sample
@@ -121,10 +122,9 @@ class _Packed:
         return self.counts > 0  # (B, V, K)
 
     @cached_property
-    def feats(self) -> Tensor:
-        """The frames stacked -> ``(F, Q, d)``, zero rows for padding."""
-        return _stack_frames(self.frames, self.shape[1], self.max_queries, self.dim,
-                             self.counts.device)
+    def layout(self) -> "_MemberLayout":
+        """The member entries on a padded per-frame grid (see :class:`_MemberLayout`)."""
+        return _member_layout(self)
 
 
 def _check_index_lists(ins_masks: InsMasks) -> None:
@@ -144,26 +144,6 @@ def _long_tensor(values: list[int], device: torch.device) -> Tensor:
     """A Python list of ints -> int64 tensor (through numpy: several times faster than
     ``torch.tensor`` for the ~1000-long lists of a batch)."""
     return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
-
-
-def _stack_frames(frames: list[list[Tensor]], v_max: int, q_max: int, d: int,
-                  device: torch.device) -> Tensor:
-    """Per-sample lists of ``(Q_f, d)`` frames -> ``(B * V, Q, d)``, one ``cat``.
-
-    Frames are padded with zero rows to Q and samples with zero frames to V; when every frame
-    already has that shape (the usual batch) nothing is padded.
-    """
-    flat = [f for sample in frames for f in sample]
-    if not flat:
-        return torch.zeros(len(frames) * v_max, q_max, d, device=device)
-    if all(len(sample) == v_max for sample in frames) and all(f.shape[0] == q_max for f in flat):
-        return torch.cat(flat).view(len(flat), q_max, d)
-    blank = flat[0].new_zeros(q_max, d)
-    grid = []
-    for sample in frames:
-        grid.extend(F.pad(f, (0, 0, 0, q_max - f.shape[0])) for f in sample)
-        grid.extend(blank for _ in range(v_max - len(sample)))
-    return torch.cat(grid).view(len(grid), q_max, d)
 
 
 def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
@@ -246,15 +226,14 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
                              "index outside that range")
     counts = torch.zeros(n_frames * k_max, dtype=torch.long, device=device)
     counts[slot_t] = lens_t
-    # table[s, i]: the entry start_s + min(i, count_s - 1) -> its query
+    # table[s, i]: the entry start_s + min(i, count_s - 1)
     m = max(lens, default=0)
     starts = torch.zeros_like(counts)
     starts[slot_t] = torch.cumsum(lens_t, 0) - lens_t
     steps = torch.arange(m, device=device)
     entry = starts.view(-1, 1) + torch.minimum(steps.view(1, m),
                                                (counts.view(-1, 1) - 1).clamp(min=0))  # (F*K, M)
-    table = (local[entry.clamp(max=local.numel() - 1)] if local.numel()
-             else torch.zeros_like(entry))  # (F*K, M); absent instances: any query
+    entry = entry.clamp(0, max(local.numel() - 1, 0))  # (F*K, M); absent instances: any entry
 
     # one dtype for every frame, fp32 at least (CPU autocast cannot cat fp16)
     dtype = functools.reduce(torch.promote_types, {upcast(f).dtype for sample in merge_feats
@@ -265,7 +244,7 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
         dim=d,
         member_slot=member_slot,
         member_query=local,
-        table=table.view(n_frames, k_max, m),
+        table_entry=entry.view(n_frames, k_max, m),
         counts=counts.view(num_samples, v_max, k_max),
         num_instances=torch.tensor(inst_per_sample, dtype=torch.long, device=device),
         num_frames=frames_per_sample,
@@ -299,125 +278,225 @@ def _mean_centres(p: _Packed) -> Tensor:
 
 def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor, Tensor]:
     """Instance centres, the mean and the element-wise max of the members' features
-    -> ``(B, V, K, d)`` and ``(F, K, d)`` (zero when the instance is absent), and the stacked
-    frames ``(F, Q, d)`` for the terms that score every query (see :class:`_MemberCentres`).
+    -> ``(B, V, K, d)`` and ``(F, K, d)`` (zero when the instance is absent), and the member rows
+    ``(F, R, d)`` (see :class:`_MemberLayout`) that ``p.layout.table`` points into, for the terms
+    that score members against centres.
     """
     b, v, k = p.shape
-    x = p.feats
-    d = x.shape[-1]
-    if p.member_slot.numel() == 0:
-        zero = x.sum() * 0.0 + x.new_zeros(b * v, k, d)
-        return zero.view(b, v, k, d), zero, x
-    rows = (torch.div(p.member_slot, k, rounding_mode="floor") * x.shape[1]
-            + p.member_query)  # (E,) row in feats.view(F * Q, d)
-    counts = p.counts.view(-1)  # (F*K,)
-    # the non-empty segments, for the CPU's tie test (counting them elsewhere would sync)
-    filled = int((counts > 0).sum()) if x.device.type == "cpu" else 0
-    mean, top, feats = _MemberCentres.apply(x.view(-1, d), rows, p.member_slot, counts, filled)
-    return mean.view(b, v, k, d), top.view(b * v, k, d), feats.view_as(x)
+    frames = [f for sample in p.frames for f in sample]
+    if not frames:
+        zero = torch.zeros(b * v, k, p.dim, device=p.counts.device)
+        return zero.view(b, v, k, p.dim), zero, zero.new_zeros(b * v, 1, p.dim)
+    layout = p.layout
+    x = _GatherMembers.apply(layout, *frames)  # (F, R, d)
+    mean, top, x = _MemberCentres.apply(x, layout.segment, p.counts.view(-1), layout.blocks)
+    return mean.view(b, v, k, p.dim), top.view(b * v, k, p.dim), x
 
 
-_CHUNK_ELEMENTS = 1 << 18  # entries x columns per block of `_MemberCentres.backward` (1 MB fp32)
+_CHUNK_ELEMENTS = 1 << 18  # rows x columns per block of `_MemberCentres.backward` (1 MB fp32)
 
 
-def _segment_chunks(segment: Tensor, num_filled: int, rows_per_chunk: int
-                    ) -> list[tuple[int, int, int]]:
-    """Blocks ``(start, stop, non-empty segments)`` of about ``rows_per_chunk`` entries that
-    never split a segment, when segments are stored contiguously (the packed layout's order);
-    one block of everything otherwise, or off the CPU (choosing blocks syncs with the host)."""
-    e = segment.numel()
-    if segment.device.type != "cpu" or e <= rows_per_chunk:
-        return [(0, e, num_filled)]
-    if not bool((segment[1:] >= segment[:-1]).all()):
-        return [(0, e, num_filled)]
-    cand = torch.arange(rows_per_chunk, e, rows_per_chunk, device=segment.device)
-    starts = torch.searchsorted(segment, segment[cand])  # each cut moved back to a segment start
-    bounds = sorted({0, e, *starts.tolist()})
-    first = torch.ones(e, dtype=torch.long)
-    first[1:] = (segment[1:] != segment[:-1]).long()  # 1 at the first entry of each segment
-    seen = torch.cumsum(first, 0)  # segments begun up to each entry
-    ends = seen[torch.tensor(bounds[1:]) - 1].tolist()
-    return [(a, b, n - (ends[i - 1] if i else 0))
-            for i, (a, b, n) in enumerate(zip(bounds[:-1], bounds[1:], ends))]
+@dataclass
+class _MemberLayout:
+    """The member entries of every frame on a padded grid ``(F, R, d)``.
+
+    Frame f (of the padded (B, V) grid) holds its n_f entries, in entry order, in rows
+    ``0 .. n_f - 1`` of block f; the other rows are padding. Only members are ever scored or
+    pooled, so working on them (about 2/3 of the queries in ESAM's batches) instead of a
+    ``(F, Q, d)`` stack of the frames saves both that copy and its gradient.
+    """
+
+    rows: int  # R = max(1, max_f n_f)
+    index: list[Tensor | None]  # per frame: (n_f,) the queries of its entries; None: no frame
+    segment: Tensor  # (F * R,) slot f * K + k of each row; F * K (a dummy slot) for padding
+    table: Tensor  # (F, K, M) row within block f of the i-th member of instance k
+    blocks: list[tuple[int, int, int]]  # backward blocks: (first frame, stop, non-empty slots)
 
 
-class _MemberCentres(torch.autograd.Function):
-    """Mean and element-wise max of the member rows of each segment, from one gather.
+def _member_layout(p: _Packed) -> _MemberLayout:
+    b, v, k = p.shape
+    nf = b * v
+    device = p.counts.device
+    frame = torch.div(p.member_slot, max(k, 1), rounding_mode="floor")  # (E,)
+    per_frame = torch.bincount(frame, minlength=nf)  # (F,)
+    sizes = per_frame.tolist()
+    r = max(1, max(sizes, default=0))
+    in_frame = (torch.arange(frame.numel(), device=device)
+                - (torch.cumsum(per_frame, 0) - per_frame)[frame])  # (E,) row in its block
+    segment = torch.full((nf * r,), nf * k, dtype=torch.long, device=device)
+    segment[frame * r + in_frame] = p.member_slot
+    table = (in_frame[p.table_entry] if in_frame.numel()
+             else torch.zeros_like(p.table_entry))  # (F, K, M)
+    index = [idx if f % v < p.num_frames[f // v] else None
+             for f, idx in enumerate(p.member_query.split(sizes))]
+    # blocks of whole frames of about _CHUNK_ELEMENTS; the count of non-empty slots in each is
+    # for the CPU's tie test (elsewhere it is never read, and counting would sync)
+    per_block = max(1, _CHUNK_ELEMENTS // max(r * p.dim, 1))
+    if device.type == "cpu" and nf > per_block:
+        filled = torch.cumsum((p.counts.view(nf, k) > 0).sum(1), 0).tolist()
+        blocks = [(f0, min(f0 + per_block, nf),
+                   filled[min(f0 + per_block, nf) - 1] - (filled[f0 - 1] if f0 else 0))
+                  for f0 in range(0, nf, per_block)]
+    else:
+        blocks = [(0, nf, int((p.counts > 0).sum()) if device.type == "cpu" else 0)]
+    return _MemberLayout(rows=r, index=index, segment=segment, table=table, blocks=blocks)
 
-    ``x (R, d)`` rows, ``rows (E,)`` the row of every member entry, ``segment (E,)`` its
-    segment (entries of a segment need not be adjacent), ``counts (S,)`` entries per segment
-    -> ``mean (S, d)``, ``top (S, d)`` (0 for an empty segment) and ``x`` itself, handed on.
 
-    One node instead of a gather, a scatter-add, a division and a scatter-max: the backward
-    adds the members' gradient straight into the gradient of x's other use (the
-    point-to-segment scores' bmm), where autograd would zero-fill a second ``x``-sized buffer
-    and sum the two. It works in blocks of whole segments (`_segment_chunks`), so its
-    temporaries stay small enough to be reused rather than page-faulted in on every call.
-    On exact ties of the max the gradient is shared equally by the tied entries (the
-    released ``max(0)`` gives it to the first one; a query listed twice is the same query
-    either way).
+class _GatherMembers(torch.autograd.Function):
+    """The member rows of every frame -> ``(F, R, d)`` (see :class:`_MemberLayout`), padding
+    rows zero, from the per-frame ``(Q_f, d)`` feature tensors (in grid order, missing frames
+    skipped). One ``index_select`` per frame straight into its block; the backward scatters each
+    block into a fresh ``(Q_f, d)`` gradient of its frame.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, rows: Tensor, segment: Tensor, counts: Tensor, num_filled: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        members = x.index_select(0, rows)  # (E, d)
-        s, d = counts.shape[0], x.shape[1]
+    def forward(ctx, layout: _MemberLayout, *frames: Tensor) -> Tensor:
+        d = frames[0].shape[1]
+        out = frames[0].new_empty(len(layout.index), layout.rows, d)
+        it = iter(frames)
+        for f, idx in enumerate(layout.index):
+            if idx is None:
+                out[f].zero_()
+                continue
+            n = idx.numel()
+            torch.index_select(next(it), 0, idx, out=out[f, :n])
+            out[f, n:].zero_()
+        ctx.layout = layout
+        ctx.queries = [x.shape[0] for x in frames]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        index = [(f, idx) for f, idx in enumerate(ctx.layout.index) if idx is not None]
+        out: list[Tensor | None] = [None]
+        for i, ((f, idx), q) in enumerate(zip(index, ctx.queries)):
+            if not ctx.needs_input_grad[i + 1]:
+                out.append(None)
+                continue
+            out.append(grad.new_zeros(q, grad.shape[2]).index_add_(0, idx, grad[f, :idx.numel()]))
+        return tuple(out)
+
+
+class _MemberCentres(torch.autograd.Function):
+    """Mean and element-wise max of the member rows of each slot, and the rows handed on.
+
+    ``x (F, R, d)`` the member rows, ``segment (F * R,)`` the slot of each row (``S``, a dummy,
+    for padding rows), ``counts (S,)`` members per slot -> ``mean (S, d)``, ``top (S, d)``
+    (0 for an empty slot) and ``x`` itself.
+
+    One node instead of a scatter-add, a division and a scatter-max: the backward adds the
+    members' gradient straight into the gradient of x's other use (the point-to-segment
+    scores' bmm), where autograd would zero-fill a second ``x``-sized buffer and sum the two.
+    It works in blocks of whole frames, so its temporaries stay small enough to be reused
+    rather than page-faulted in on every call. On exact ties of the max the gradient is
+    shared equally by the tied entries (the released ``max(0)`` gives it to the first one; a
+    query listed twice is the same query either way).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, segment: Tensor, counts: Tensor,
+                blocks: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        s, d = counts.shape[0], x.shape[2]
+        rows = x.view(-1, d)
         inv = 1.0 / counts.clamp(min=1).to(x.dtype).unsqueeze(1)  # (S, 1)
-        mean = x.new_zeros(s, d).index_add_(0, segment, members).mul_(inv)
-        top = x.new_zeros(s, d).scatter_reduce_(
-            0, segment.view(-1, 1).expand_as(members), members, "amax", include_self=False)
-        ctx.save_for_backward(members, rows, segment, top, inv)
-        ctx.shape = x.shape
-        ctx.chunks = _segment_chunks(segment, num_filled, max(1, _CHUNK_ELEMENTS // max(d, 1)))
-        return mean, top, x.view_as(x)
+        mean = x.new_zeros(s + 1, d).index_add_(0, segment, rows)[:s].mul_(inv)
+        top = x.new_zeros(s + 1, d).scatter_reduce_(
+            0, segment.view(-1, 1).expand_as(rows), rows, "amax", include_self=False)
+        top[s] = float("nan")  # the padding's slot: its rows never hold the max
+        ctx.save_for_backward(x, segment, top, inv)
+        ctx.blocks = blocks
+        return mean, top[:s], x.view_as(x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_mean: Tensor | None, g_top: Tensor | None, g_x: Tensor | None
-                 ) -> tuple[Tensor, None, None, None, None]:
-        members, rows, segment, top, inv = ctx.saved_tensors
+                 ) -> tuple[Tensor, None, None, None]:
+        x, segment, top, inv = ctx.saved_tensors
+        r, d = x.shape[1], x.shape[2]
+        s = inv.shape[0]
         if g_x is None:
-            grad = members.new_zeros(ctx.shape)
+            grad = torch.zeros_like(x)
         elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:
             grad = g_x  # a fresh buffer of the engine's: added into in place
         else:
             grad = g_x.contiguous().clone()
-        spread = g_mean * inv if g_mean is not None else None  # (S, d)
-        d = members.shape[1]
-        for start, stop, filled in ctx.chunks:
-            seg = segment[start:stop]
-            g_members = None
-            if g_top is not None:
-                # 1.0 where an entry holds its segment's max: a comparison written straight
-                # into the float buffer of the gathered maxima (a bool result is slow on CPU)
+        rows, flat = x.view(-1, d), grad.view(-1, d)
+        spread = share = None  # per slot, with a zero row for the padding's slot
+        if g_mean is not None:
+            spread = g_mean.new_zeros(s + 1, d)
+            torch.mul(g_mean, inv, out=spread[:s])
+        if g_top is not None:
+            share = g_top.new_zeros(s + 1, d)
+            share[:s] = g_top
+        if (share is not None or spread is not None) and fused.applies(
+                flat, fused.MIN_MEMBER_ELEMENTS):
+            zero = None if share is not None and spread is not None else x.new_zeros(s + 1, d)
+            hits = fused.member_grad(flat, rows, segment, top, zero if share is None else share,
+                                     zero if spread is None else spread)
+            if hits is not None:
+                if share is not None and int(hits) > sum(n for *_, n in ctx.blocks) * d:
+                    # exact ties (rare): the kernel gave each tied row the whole share
+                    hit = torch.eq(top.index_select(0, segment), rows).to(x.dtype)
+                    ties = torch.zeros_like(top).index_add_(0, segment, hit)
+                    flat.addcmul_(hit, (share / ties.clamp(min=1) - share).index_select(0, segment))
+                return grad, None, None, None
+        for f0, f1, filled in ctx.blocks:
+            a, b = f0 * r, f1 * r
+            seg = segment[a:b]
+            gathered = None
+            if share is not None:
+                # 1.0 where a row holds its slot's max: a comparison written straight into the
+                # float buffer of the gathered maxima (a bool result is slow on CPU)
                 hit = top.index_select(0, seg)  # (c, d)
-                torch.eq(hit, members[start:stop], out=hit)
-                # every (non-empty segment, column) has one hit, more only on exact ties; the
-                # test is a host sync, so only the CPU (where it is free) skips the division
-                # when nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
+                torch.eq(hit, rows[a:b], out=hit)
+                # every (non-empty slot, column) has one hit, more only on exact ties; the test
+                # is a host sync, so only the CPU (where it is free) skips the division when
+                # nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
                 exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
-                share = g_top
-                if members.device.type != "cpu" or bool(
+                per_slot = share
+                if x.device.type != "cpu" or bool(
                         (hit.sum() if exact else hit.sum(dtype=torch.float64)) > filled * d):
-                    ties = torch.zeros_like(top).index_add_(0, seg, hit)  # (S, d)
-                    share = g_top / ties.clamp(min=1)
-                gathered = share.index_select(0, seg)  # (c, d)
-                g_members = hit.mul_(gathered)
+                    ties = torch.zeros_like(top).index_add_(0, seg, hit)  # (S + 1, d)
+                    per_slot = share / ties.clamp(min=1)
+                gathered = per_slot.index_select(0, seg)  # (c, d)
+                flat[a:b].addcmul_(hit, gathered)
             if spread is not None:
-                if g_members is None:
-                    g_members = spread.index_select(0, seg)
+                if gathered is None:
+                    gathered = spread.index_select(0, seg)
                 else:  # reuse the gather buffer
                     torch.index_select(spread, 0, seg, out=gathered)
-                    g_members.add_(gathered)
-            if g_members is not None:
-                grad.index_add_(0, rows[start:stop], g_members)
-        return grad, None, None, None, None
+                flat[a:b].add_(gathered)
+        return grad, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
 # Functional InfoNCE terms on padded tensors
 # --------------------------------------------------------------------------------------------
+
+class _NextFrameProducts(torch.autograd.Function):
+    """``c (F, K, d)`` -> ``(F - 1, K, K)``, the products ``c[t] @ c[t + 1].T`` of every frame
+    with the next.
+
+    As ``torch.bmm(c[:-1], c[1:].mT)`` the two slices' backward would each zero-fill a
+    ``c``-sized buffer and add them; here both halves of the gradient go into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, c: Tensor) -> Tensor:
+        ctx.save_for_backward(c)
+        return torch.bmm(c[:-1], c[1:].transpose(1, 2))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        (c,) = ctx.saved_tensors
+        grad = torch.empty_like(c, memory_format=torch.contiguous_format)
+        torch.bmm(g, c[1:], out=grad[:-1])  # as the row frame t
+        grad[-1].zero_()
+        grad[1:].baddbmm_(g.transpose(1, 2), c[:-1])  # as the column frame t + 1
+        return grad
+
 
 def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
                       normalize_by: str = "present", num_instances: Tensor | None = None,
@@ -454,7 +533,7 @@ def merge_tmp_infonce(centres: Tensor, present: Tensor, tau: float = 0.07, *,
     # straddle two samples get no valid row
     flat = centres.reshape(bsz * v, k, d)
     n = bsz * v - 1  # consecutive pairs of the flat layout
-    logits = torch.bmm(flat[:-1], flat[1:].transpose(1, 2)) / tau  # (n, K, K) rows: frame t
+    logits = _NextFrameProducts.apply(flat) / tau  # (n, K, K) rows: frame t
     logits = torch.cat([logits, logits.transpose(1, 2)])  # (2n, K, K) both directions
     dtype = logits.dtype
     pres = present.reshape(bsz * v, k)
@@ -643,7 +722,7 @@ def sample_seal_negatives(ins_masks: InsMasks, generator: torch.Generator | None
 def _pack_negatives(negatives: Sequence[Sequence[Tensor]], p: _Packed) -> Tensor:
     """Released-layout negatives -> padded ``(F, K, M, K)`` positions, validated."""
     b, v, k = p.shape
-    m = p.table.shape[-1]
+    m = p.table_entry.shape[-1]
     if len(negatives) != b:
         raise ValueError(f"negatives: expected one entry per sample (B={b}), got {len(negatives)}")
     out = torch.zeros(b, v, k, m, k, dtype=torch.long, device=p.counts.device)
@@ -736,7 +815,7 @@ class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
         with torch.autocast(p.counts.device.type, enabled=False):  # fp32 math
             b, v, k = p.shape
             if self.p2s:
-                centres, top, feats = _mean_and_max_centres(p)  # (B,V,K,d), (F,K,d), (F,Q,d)
+                centres, top, feats = _mean_and_max_centres(p)  # (B,V,K,d), (F,K,d), (F,R,d)
             else:
                 centres = _mean_centres(p)  # (B, V, K, d)
             out: dict[str, Tensor] = {}
@@ -748,7 +827,7 @@ class ScanNetMergeCriterion_Fast(nn.Module):  # noqa: N801 - ESAM's public name
                 loss = loss + self.tmp_weight * tmp
             if self.p2s:
                 per_frame = merge_p2s_infonce_fast(
-                    top, feats, p.table, p.counts.view(b * v, k), self.p2s_tau,
+                    top, feats, p.layout.table, p.counts.view(b * v, k), self.p2s_tau,
                     mask_zero_logits=self.mask_zero_logits)  # (F,)
                 p2s = per_frame.view(b, v).sum(1).mean()
                 out["loss_merge_p2s"] = p2s
@@ -803,16 +882,16 @@ class ScanNetMergeCriterion_Seal(nn.Module):  # noqa: N801 - ESAM's public name
         p = _pack(merge_feats, ins_masks)
         with torch.autocast(p.counts.device.type, enabled=False):  # fp32 math
             b, v, k = p.shape
-            centres, top, feats = _mean_and_max_centres(p)  # (B,V,K,d), (F,K,d), (F,Q,d)
+            centres, top, feats = _mean_and_max_centres(p)  # (B,V,K,d), (F,K,d), (F,R,d)
             tmp = merge_tmp_infonce(centres, p.present, self.tmp_tau, normalize_by="instances",
                                     num_instances=p.num_instances).mean()
             counts = p.counts.view(b * v, k)
             if negatives is not None:
                 neg = _pack_negatives(negatives, p)
             else:
-                neg = _draw_negatives(counts, p.table.shape[-1], generator)
+                neg = _draw_negatives(counts, p.table_entry.shape[-1], generator)
             per_frame = merge_p2s_infonce_seal(
-                top, feats, p.table, counts, neg,
+                top, feats, p.layout.table, counts, neg,
                 p.num_instances.repeat_interleave(v), self.p2s_tau)  # (F,)
             p2s = per_frame.view(b, v).sum(1).mean()
             loss = self.tmp_weight * tmp + self.p2s_weight * p2s

@@ -309,6 +309,7 @@ class _MemberLayout:
     rows: int  # R = max(1, max_f n_f)
     index: list[Tensor | None]  # per frame: (n_f,) the queries of its entries; None: no frame
     segment: Tensor  # (F * R,) slot f * K + k of each row; F * K (a dummy slot) for padding
+    padding: Tensor  # (F * R - E,) the padding rows
     table: Tensor  # (F, K, M) row within block f of the i-th member of instance k
     blocks: list[tuple[int, int, int]]  # backward blocks: (first frame, stop, non-empty slots)
 
@@ -325,6 +326,7 @@ def _member_layout(p: _Packed) -> _MemberLayout:
                 - (torch.cumsum(per_frame, 0) - per_frame)[frame])  # (E,) row in its block
     segment = torch.full((nf * r,), nf * k, dtype=torch.long, device=device)
     segment[frame * r + in_frame] = p.member_slot
+    padding = (segment == nf * k).nonzero().squeeze(1)
     table = (in_frame[p.table_entry] if in_frame.numel()
              else torch.zeros_like(p.table_entry))  # (F, K, M)
     index = [idx if f % v < p.num_frames[f // v] else None
@@ -339,7 +341,8 @@ def _member_layout(p: _Packed) -> _MemberLayout:
                   for f0 in range(0, nf, per_block)]
     else:
         blocks = [(0, nf, int((p.counts > 0).sum()) if device.type == "cpu" else 0)]
-    return _MemberLayout(rows=r, index=index, segment=segment, table=table, blocks=blocks)
+    return _MemberLayout(rows=r, index=index, segment=segment, padding=padding, table=table,
+                         blocks=blocks)
 
 
 class _GatherMembers(torch.autograd.Function):
@@ -351,30 +354,29 @@ class _GatherMembers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout: _MemberLayout, *frames: Tensor) -> Tensor:
-        d = frames[0].shape[1]
-        out = frames[0].new_empty(len(layout.index), layout.rows, d)
+        d, r = frames[0].shape[1], layout.rows
+        out = frames[0].new_empty(len(layout.index) * r, d)
         it = iter(frames)
         for f, idx in enumerate(layout.index):
-            if idx is None:
-                out[f].zero_()
-                continue
-            n = idx.numel()
-            torch.index_select(next(it), 0, idx, out=out[f, :n])
-            out[f, n:].zero_()
+            if idx is not None:
+                torch.index_select(next(it), 0, idx, out=out.narrow(0, f * r, idx.numel()))
+        out.index_fill_(0, layout.padding, 0.0)
         ctx.layout = layout
         ctx.queries = [x.shape[0] for x in frames]
-        return out
+        return out.view(-1, r, d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        r, d = grad.shape[1], grad.shape[2]
+        flat = grad.reshape(-1, d)
         index = [(f, idx) for f, idx in enumerate(ctx.layout.index) if idx is not None]
         out: list[Tensor | None] = [None]
         for i, ((f, idx), q) in enumerate(zip(index, ctx.queries)):
             if not ctx.needs_input_grad[i + 1]:
                 out.append(None)
                 continue
-            out.append(grad.new_zeros(q, grad.shape[2]).index_add_(0, idx, grad[f, :idx.numel()]))
+            out.append(flat.new_zeros(q, d).index_add_(0, idx, flat.narrow(0, f * r, idx.numel())))
         return tuple(out)
 
 

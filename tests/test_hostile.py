@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from esam.config import (CrossFrameConfig, ESAMLossConfig, LossWeights, MatcherConfig,
                          MergeConfig, config_from_dict)
-from esam.losses import ESAMCriterion
+from esam.losses import ESAMCriterion, fused
 from esam.losses import functional as LF
 from esam.losses import matcher as matcher_module
 from esam.losses.cross_frame import CrossFrameCriterion
@@ -646,8 +646,16 @@ def test_matchers_give_valid_assignments_for_any_sizes(data, mode, scale, seed, 
 
 @settings(HOSTILE, max_examples=50)
 @given(data=st.data(), mode=st.sampled_from(MODES), scale=st.sampled_from(SCALES),
-       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from((torch.float32, torch.float64)))
-def test_merge_criteria_are_finite_for_any_layout(data, mode, scale, seed, dtype):
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from((torch.float32, torch.float64)),
+       member_kernel=st.booleans())
+def test_merge_criteria_are_finite_for_any_layout(data, mode, scale, seed, dtype, member_kernel):
+    # member_kernel: the fused member-centre gradient forced on at every size
+    with mock.patch.object(fused, "MIN_MEMBER_ELEMENTS",
+                           0 if member_kernel else fused.MIN_MEMBER_ELEMENTS):
+        _merge_criteria_are_finite(data, mode, scale, seed, dtype)
+
+
+def _merge_criteria_are_finite(data, mode, scale, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     b, k = data.draw(st.integers(1, 3)), data.draw(st.integers(0, 5))
     d = data.draw(st.integers(1, 5))

@@ -50,7 +50,8 @@ def _loop_stats(x, ids, inst):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("p", [53, 128, 203])  # rows shorter than a chunk, whole chunks, a tail
+# rows shorter than a chunk, whole chunks, a tail; one lane group; groups, chunks and a tail
+@pytest.mark.parametrize("p", [53, 128, 203, 512, 1203])
 def test_row_stats_equal_loops(dtype, p):
     g = torch.Generator().manual_seed(p)
     x = (torch.randn(6, p, generator=g, dtype=torch.float64) * 4)
@@ -66,7 +67,10 @@ def test_row_stats_equal_loops(dtype, p):
     assert torch.isfinite(got).all()
     want = _loop_stats(x.double(), ids, inst)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # float32 sums of rows with +-1e4 entries: rounding is relative to the sum of |x|
+    scale = x.double().abs().sum(1) * (1e-14 if dtype == torch.float64 else 2e-7)  # (6,)
+    assert ((got.double() - want).abs() <= tol * want.abs() + tol + scale).all(), \
+        (got.double() - want).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

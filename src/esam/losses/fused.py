@@ -90,10 +90,12 @@ def row_instances(rows: Tensor, inst: Tensor, num_rows: int) -> Tensor | None:
 
 
 _CHUNK = 64  # positions per product in `row_stats` (each factor is in [1/2, 1]: no underflow)
+_LANE_ROWS, _LANES = 32, 16  # `row_stats` groups: 32 x 16 positions, products down each lane
 
 
-def _sums(x: Tensor, member: Tensor, chunked: bool) -> Tensor:
-    """The eight per-row sums over the last dim of ``x`` (``(R, T)``, or ``(R, C, L)`` chunks)."""
+def _sums(x: Tensor, member: Tensor, chunked: bool, dim: int = -1) -> Tensor:
+    """The eight per-row sums over dim ``dim`` of ``x`` (``(R, T)``, ``(R, C, L)`` chunks or
+    ``(R, G, L, V)`` lane groups)."""
     # Every intermediate is written once per use on purpose: one shared node feeding several
     # reductions makes inductor store it as a buffer of the logits' size (10 MB per 20k-point
     # layer, page-faulted in on every call); separate uses are inlined, and the kernel's CSE
@@ -113,11 +115,18 @@ def _sums(x: Tensor, member: Tensor, chunked: bool) -> Tensor:
     # softplus(x) = max(x, 0) + log(1 + exp(-|x|)) = max(x, 0) - log r. A logarithm per element
     # costs more than the rest of the pass together; over a chunk of L positions the sum of
     # -log r is -log of the product of the r, one logarithm per chunk.
-    log_part = -torch.log(torch.prod(r(), -1)) if chunked else torch.log1p(e()).sum(-1)
+    log_part = -torch.log(torch.prod(r(), dim)) if chunked else torch.log1p(e()).sum(dim)
     member = member.to(x.dtype)
-    return torch.stack([x.clamp(min=0).sum(-1) + log_part, q().sum(-1), (q() * q()).sum(-1),
-                        hit().sum(-1), (member * x).sum(-1), (member * q()).sum(-1),
-                        (member * hit()).sum(-1), x.sum(-1)])
+    return torch.stack([x.clamp(min=0).sum(dim) + log_part, q().sum(dim), (q() * q()).sum(dim),
+                        hit().sum(dim), (member * x).sum(dim), (member * q()).sum(dim),
+                        (member * hit()).sum(dim), x.sum(dim)])
+
+
+def _lane_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+    # x (R, G, L, V), ids (G, L, V), inst (R,). Reducing over L with the V lanes kept makes
+    # inductor accumulate whole vectors down the lanes, with one horizontal reduction per
+    # group instead of one per 64-position chunk.
+    return _sums(x, ids.unsqueeze(0) == inst.view(-1, 1, 1, 1), True, dim=2).sum((-2, -1))
 
 
 def _chunk_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
@@ -213,21 +222,28 @@ def row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor | None:
     """
     _check(x, ids, inst)
     r, n = x.shape
-    c = n // _CHUNK
-    m = c * _CHUNK
-    # whole chunks, then the tail: two kernels (one when either is empty), so that no size is
-    # a special case inside a compiled graph (each would be a recompilation)
-    stats = x.new_zeros(8, r) if n == 0 else None
+    group = _LANE_ROWS * _LANES
+    g = n // group
+    a = g * group  # positions in whole lane groups
+    c = (n - a) // _CHUNK
+    b = a + c * _CHUNK  # ... and in whole chunks after them; the tail after that
+    # one kernel per part present, so that no size is a special case inside a compiled graph
+    # (each would be a recompilation)
+    parts = []
+    if g:
+        parts.append(("stats_lanes", _lane_stats, x[:, :a].view(r, g, _LANE_ROWS, _LANES),
+                      ids[:a].view(g, _LANE_ROWS, _LANES)))
     if c:
-        stats = _run("stats", _chunk_stats, x[:, :m].view(r, c, _CHUNK),
-                     ids[:m].view(c, _CHUNK), inst)
-        if stats is None:
+        parts.append(("stats", _chunk_stats, x[:, a:b].view(r, c, _CHUNK),
+                      ids[a:b].view(c, _CHUNK)))
+    if n > b:
+        parts.append(("stats_tail", _row_stats, x[:, b:], ids[b:]))
+    stats = x.new_zeros(8, r) if n == 0 else None
+    for name, kernel, xs, part_ids in parts:
+        part = _run(name, kernel, xs, part_ids, inst)
+        if part is None:
             return None
-    if n > m:
-        tail = _run("stats_tail", _row_stats, x[:, m:], ids[m:], inst)
-        if tail is None:
-            return None
-        stats = tail if stats is None else stats + tail
+        stats = part if stats is None else stats + part
     watch = _watch.get()
     if watch is not None:
         watch.saw(x, stats[7])

@@ -302,8 +302,8 @@ class _MemberLayout:
 
     Frame f (of the padded (B, V) grid) holds its n_f entries, in entry order, in rows
     ``0 .. n_f - 1`` of block f; the other rows are padding. Only members are ever scored or
-    pooled, so working on them (about 2/3 of the queries in ESAM's batches) instead of a
-    ``(F, Q, d)`` stack of the frames saves both that copy and its gradient.
+    pooled, so working on them (a fraction of the queries: 2/3 in the benchmark's batches)
+    instead of a ``(F, Q, d)`` stack of the frames saves both that copy and its gradient.
     """
 
     rows: int  # R = max(1, max_f n_f)

@@ -608,7 +608,7 @@ def merge_p2s_infonce_fast(centres: Tensor, feats: Tensor, table: Tensor, counts
     Args:
         centres: ``(F, K, d)`` element-wise max of each instance's member features.
         feats: ``(F, R, d)`` per frame, the feature rows ``table`` points into: the frame's
-            queries (as the criteria pass them), or its member entries.
+            queries, or its member entries (as the criteria pass them).
         table: ``(F, K, M)`` row in ``feats`` of the i-th member of instance k (padding: any
             row in ``[0, R)``).
         counts: ``(F, K)`` members per instance.
@@ -666,7 +666,7 @@ def merge_p2s_infonce_seal(centres: Tensor, feats: Tensor, table: Tensor, counts
     Args:
         centres: ``(F, K, d)`` element-wise max of each instance's member features.
         feats: ``(F, R, d)`` per frame, the feature rows ``table`` points into: the frame's
-            queries (as the criteria pass them), or its member entries.
+            queries, or its member entries (as the criteria pass them).
         table: ``(F, K, M)`` row in ``feats`` of the i-th member of instance k (padding: any
             row in ``[0, R)``).
         counts: ``(F, K)`` members per instance.

@@ -58,6 +58,19 @@ def member_path(request, monkeypatch):
     return request.param
 
 
+def tie_first_two_queries(feats, masks, scale=1.0):
+    """Exact ties of the max: in every frame query 1 copies query 0 (features times
+    ``scale``), both listed in instance 0; the other lists lose them."""
+    feats = [[scale * f.detach() for f in sample] for sample in feats]
+    for sample in feats:
+        for f in sample:
+            f[1] = f[0]
+            f.requires_grad_()
+    masks = [[[torch.cat([torch.tensor([0, 1]), t[t > 1]]) if k == 0 else t[t > 1]
+               for k, t in enumerate(frame)] for frame in sample] for sample in masks]
+    return feats, masks
+
+
 def leaves(feats):
     return [f for sample in feats for f in sample]
 
@@ -512,16 +525,8 @@ def test_blocked_member_backward_equals_one_block(monkeypatch, tmp):
     monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", float("inf"))  # the blocked torch ops
     feats, masks = make_inputs(frames=(3, 2), instances=(5, 4), queries=(12, 9), seed=13,
                                p_absent=0.1)
-    # ties inside blocks: duplicate a feature row inside every frame
-    # scaled down (unsaturated gradients), and ties inside blocks: a feature row duplicated
-    # in every frame, both copies listed in one instance
-    feats = [[0.1 * f.detach() for f in sample] for sample in feats]
-    for sample in feats:
-        for f in sample:
-            f[1] = f[0]
-            f.requires_grad_()
-    masks = [[[torch.cat([torch.tensor([0, 1]), t[t > 1]]) if k == 0 else t[t > 1]
-               for k, t in enumerate(frame)] for frame in sample] for sample in masks]
+    # scaled down (unsaturated gradients), and ties inside blocks
+    feats, masks = tie_first_two_queries(feats, masks, scale=0.1)
     crit = ScanNetMergeCriterion_Fast(tmp=tmp)
     whole = crit(feats, masks)["loss"]
     g_whole = grads(whole, feats)
@@ -538,14 +543,8 @@ def test_member_kernel_gradient_equals_torch_ops(monkeypatch, ties):
     take the kernel at its default threshold, with and without exact ties of the max."""
     feats, masks = make_inputs(frames=(3, 2), instances=(6, 5), queries=(40, 30), dim=300,
                                dtype=torch.float64, seed=21, p_absent=0.1)
-    if ties:  # query 1 copies query 0 everywhere, both in instance 0's list
-        feats = [[f.detach().clone() for f in sample] for sample in feats]
-        for sample in feats:
-            for f in sample:
-                f[1] = f[0]
-                f.requires_grad_()
-        masks = [[[torch.cat([torch.tensor([0, 1]), t[t > 1]]) if k == 0 else t[t > 1]
-                   for k, t in enumerate(frame)] for frame in sample] for sample in masks]
+    if ties:
+        feats, masks = tie_first_two_queries(feats, masks)
     crit = ScanNetMergeCriterion_Fast()
     monkeypatch.setattr(fused, "_enabled", True)
     monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", float("inf"))

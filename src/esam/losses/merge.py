@@ -431,18 +431,10 @@ class _MemberCentres(torch.autograd.Function):
         if g_top is not None:
             share = g_top.new_zeros(s + 1, d)
             share[:s] = g_top
-        if (share is not None or spread is not None) and fused.applies(
-                flat, fused.MIN_MEMBER_ELEMENTS):
-            zero = None if share is not None and spread is not None else x.new_zeros(s + 1, d)
-            hits = fused.member_grad(flat, rows, segment, top, zero if share is None else share,
-                                     zero if spread is None else spread)
-            if hits is not None:
-                if share is not None and int(hits) > sum(n for *_, n in ctx.blocks) * d:
-                    # exact ties (rare): the kernel gave each tied row the whole share
-                    hit = torch.eq(top.index_select(0, segment), rows).to(x.dtype)
-                    ties = torch.zeros_like(top).index_add_(0, segment, hit)
-                    flat.addcmul_(hit, (share / ties.clamp(min=1) - share).index_select(0, segment))
-                return grad, None, None, None
+        if ((share is not None or spread is not None)
+                and _fused_member_grad(flat, rows, segment, top, share, spread,
+                                       sum(n for *_, n in ctx.blocks))):
+            return grad, None, None, None
         for f0, f1, filled in ctx.blocks:
             a, b = f0 * r, f1 * r
             seg = segment[a:b]
@@ -470,6 +462,26 @@ class _MemberCentres(torch.autograd.Function):
                     torch.index_select(spread, 0, seg, out=gathered)
                 flat[a:b].add_(gathered)
         return grad, None, None, None
+
+
+def _fused_member_grad(flat: Tensor, rows: Tensor, segment: Tensor, top: Tensor,
+                       share: Tensor | None, spread: Tensor | None, num_filled: int) -> bool:
+    """`_MemberCentres`' member gradient added into ``flat`` by `fused.member_grad`; False
+    (nothing written) when the kernel does not apply. ``share``/``spread``: ``(S + 1, d)`` or
+    None; ``num_filled``: the non-empty slots."""
+    if not fused.applies(flat, fused.MIN_MEMBER_ELEMENTS):
+        return False
+    zero = flat.new_zeros(top.shape) if share is None or spread is None else None
+    hits = fused.member_grad(flat, rows, segment, top, zero if share is None else share,
+                             zero if spread is None else spread)
+    if hits is None:
+        return False
+    if share is not None and int(hits) > num_filled * flat.shape[1]:
+        # exact ties (rare): the kernel gave each tied row the whole share
+        hit = torch.eq(top.index_select(0, segment), rows).to(flat.dtype)
+        ties = torch.zeros_like(top).index_add_(0, segment, hit)
+        flat.addcmul_(hit, (share / ties.clamp(min=1) - share).index_select(0, segment))
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def test_gradcheck_fast_and_seal(member_path):
     assert torch.autograd.gradcheck(seal, flat)
 
 
-def test_one_frame_gives_zero_tmp_connected_to_graph():
+def test_one_frame_gives_zero_tmp_connected_to_graph(member_path):
     feats, masks = make_inputs(frames=(1, 1), seed=1)
     for crit in (ScanNetMergeCriterion_Fast(), ScanNetMergeCriterion_Seal()):
         out = crit(feats, masks)
@@ -299,7 +299,7 @@ def test_every_instance_absent_in_a_frame(member_path):
     assert_close(seal["loss"], ReferenceMergeSeal()(feats, masks, negatives)["merge_loss"], 1e-10)
 
 
-def test_huge_features_stay_finite():
+def test_huge_features_stay_finite(member_path):
     feats, masks = make_inputs(seed=8, normalize=False)
     big = [[(f.detach() * 1e4).requires_grad_() for f in sample] for sample in feats]
     for crit in (ScanNetMergeCriterion_Fast(), ScanNetMergeCriterion_Seal()):

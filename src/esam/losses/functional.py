@@ -27,6 +27,7 @@ __all__ = [
     "upcast",
     "reduce_loss",
     "class_cost",
+    "row_class_cost",
     "MaskSums",
     "mask_bce_cost",
     "mask_l1_cost",
@@ -105,7 +106,24 @@ def class_cost(cls_logits: Tensor, labels: Tensor,
     Returns:
         ``(Q, K)`` cost.
     """
-    prob = cls_logits.softmax(-1)[:, labels]  # (Q, K)
+    return _class_cost_of_prob(cls_logits.softmax(-1)[:, labels], form)  # (Q, K)
+
+
+def row_class_cost(cls_logits: Tensor, labels: Tensor,
+                   form: Literal["one_minus", "negative"] = "one_minus") -> Tensor:
+    """`class_cost` of each query against one instance of its own.
+
+    Args:
+        cls_logits: ``(R, C+1)`` logits.
+        labels: ``(R,)`` the GT class each row is costed against.
+
+    Returns:
+        ``(R, 1)`` cost.
+    """
+    return _class_cost_of_prob(cls_logits.softmax(-1).gather(1, labels.unsqueeze(1)), form)
+
+
+def _class_cost_of_prob(prob: Tensor, form: str) -> Tensor:
     if form == "one_minus":
         return 1 - prob
     if form == "negative":
@@ -342,6 +360,12 @@ class MaskSums:
         return bce, inter, q_term, self.gt_sizes()[0, gt_idx]
 
 
+def _positions(sums) -> int | Tensor:
+    """P, at least 1: an int, or per row ``(R, 1)`` for `esam.losses.rowwise.RowStats`."""
+    p = sums.num_positions
+    return p.clamp(min=1) if isinstance(p, Tensor) else max(p, 1)
+
+
 def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks, *, sums: MaskSums | None = None,
                   ) -> Tensor:
     """Mean sigmoid binary cross-entropy of every query mask against every GT mask.
@@ -358,7 +382,7 @@ def mask_bce_cost(mask_logits: Tensor, gt: InstanceMasks, *, sums: MaskSums | No
         ``(Q, K)`` cost.
     """
     s = sums or MaskSums(mask_logits, gt)
-    return (s.total("softplus") - s.inside("logits")) / max(s.num_positions, 1)
+    return (s.total("softplus") - s.inside("logits")) / _positions(s)
 
 
 def mask_l1_cost(mask_logits: Tensor, gt: InstanceMasks, *, as_printed: bool = False,
@@ -378,7 +402,7 @@ def mask_l1_cost(mask_logits: Tensor, gt: InstanceMasks, *, as_printed: bool = F
         ``(Q, K)`` cost.
     """
     s = sums or MaskSums(mask_logits, gt)
-    p = max(s.num_positions, 1)
+    p = _positions(s)
     inter = s.inside("probs")  # (Q, K) <q, g>
     false_pos = s.total("probs") - inter  # <q, 1-g>
     false_neg = s.gt_sizes() - inter  # <1-q, g>

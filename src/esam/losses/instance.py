@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from esam.losses import functional as LF
 from esam.losses._dist import global_mean_count
 from esam.losses.matcher import HungarianMatcher, SparseMatcher
+from esam.losses.rowwise import RowStats, rowwise_mask_losses
 from esam.structures import FramePrediction, FrameTarget, LayerOutput
 
 __all__ = ["InstanceCriterion", "MixedInstanceCriterion", "InstanceWeights"]
@@ -54,6 +55,18 @@ class _LayerPairs:
     ce_weight: Tensor  # (sum Q,) class weight of each query's target
     query_sample: Tensor  # (sum Q,) sample of each query
     num_samples: int
+
+
+@dataclass
+class _RowMatch:
+    """A layer matched by `SparseMatcher.match_rows`: its `RowStats` and matched rows."""
+
+    stats: RowStats
+    rows: Tensor  # (M,) increasing rows of the concatenated batch
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _segment_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
@@ -135,68 +148,93 @@ class InstanceCriterion(nn.Module):
         return self._match(layers, targets)[0]
 
     def _match(self, layers: Sequence[LayerOutput], targets: Sequence[FrameTarget],
-               ) -> tuple[list[MatchIndices], list[LF.MaskSums | None]]:
-        """The assignment and the matcher's mask sums, which the mask losses reuse."""
-        return self.matcher(
-            [l.cls_logits for l in layers], [l.mask_logits for l in layers],
-            [t.labels for t in targets], [t.masks(l.mask_level) for l, t in zip(layers, targets)],
-            [t.query_masks for t in targets], return_sums=True)
+               ) -> tuple[list[MatchIndices], list[LF.MaskSums | None] | _RowMatch]:
+        """The assignment and the matcher's mask sums, which the mask losses reuse: per sample
+        `MaskSums`, or the batch's `RowStats` where the sparse matcher's batched path applies."""
+        args = ([l.cls_logits for l in layers], [l.mask_logits for l in layers],
+                [t.labels for t in targets],
+                [t.masks(l.mask_level) for l, t in zip(layers, targets)],
+                [t.query_masks for t in targets])
+        if isinstance(self.matcher, SparseMatcher):
+            batched = self.matcher.match_rows(*args)
+            if batched is not None:
+                indices, stats, rows = batched
+                return indices, _RowMatch(stats, rows)
+        return self.matcher(*args, return_sums=True)
 
     # -- per layer ----------------------------------------------------------------------------
 
     def _layer_pairs(self, layers: Sequence[LayerOutput], targets: Sequence[FrameTarget],
                      indices: Sequence[MatchIndices],
-                     sums: Sequence[LF.MaskSums | None] | None = None) -> _LayerPairs:
+                     sums: Sequence[LF.MaskSums | None] | _RowMatch | None = None) -> _LayerPairs:
         w = self.weights
         use_score = w.score != 0 and all(l.scores is not None for l in layers)
         use_box = self.box_loss is not None and w.bbox != 0
-        bce, dice, score, ious, box, sample = [], [], [], [], [], []
-        logits, cls_target = [], []
-        for b, (layer, tgt, (qi, ki)) in enumerate(zip(layers, targets, indices)):
-            c = self.num_classes
-            target = torch.full((layer.num_queries,), c, dtype=torch.long,
-                                device=layer.cls_logits.device)
-            target[qi] = tgt.labels[ki].long()
-            logits.append(layer.cls_logits)
-            cls_target.append(target)
-            sample.append(torch.full_like(qi, b))
-            pair_bce, pair_dice, iou = LF.matched_mask_losses(
-                layer.mask_logits, qi, ki, tgt.masks(layer.mask_level), self.dice_form, use_score,
-                sums=sums[b] if sums is not None else None)
-            bce.append(pair_bce)
-            dice.append(pair_dice)
-            if use_score:
-                score.append(layer.scores.reshape(-1)[qi])
-                ious.append(iou)
-            if use_box:
-                pred_boxes = layer.boxes()
-                if pred_boxes is None:
+        device = layers[0].cls_logits.device
+        num_q = [l.num_queries for l in layers]
+        num_k = [len(t.labels) for t in targets]
+        if isinstance(sums, _RowMatch):  # the whole batch's pairs at once
+            st, rows = sums.stats, sums.rows
+            bce, dice, iou = rowwise_mask_losses(st, rows, self.dice_form, use_score,
+                                                 [l.mask_logits for l in layers])
+            sample = st.sample.index_select(0, rows)
+            query = rows  # rows of the concatenated batch
+            gt = st.group.index_select(0, rows)
+            query_sample = st.sample
+        else:
+            bce, dice, ious, sample, query, gt = [], [], [], [], [], []
+            q_off = k_off = 0
+            for b, (layer, tgt, (qi, ki)) in enumerate(zip(layers, targets, indices)):
+                pair_bce, pair_dice, pair_iou = LF.matched_mask_losses(
+                    layer.mask_logits, qi, ki, tgt.masks(layer.mask_level), self.dice_form,
+                    use_score, sums=sums[b] if sums is not None else None)
+                bce.append(pair_bce)
+                dice.append(pair_dice)
+                ious.append(pair_iou)
+                sample.append(torch.full_like(qi, b))
+                query.append(qi + q_off)
+                gt.append(ki + k_off)
+                q_off += num_q[b]
+                k_off += num_k[b]
+            bce, dice, sample, query, gt = (torch.cat(v) for v in (bce, dice, sample, query, gt))
+            iou = torch.cat(ious) if use_score else None
+            query_sample = torch.repeat_interleave(
+                torch.arange(len(layers), device=device), torch.tensor(num_q, device=device),
+                output_size=sum(num_q))
+        # class, score and box terms once for the whole batch's pairs
+        c = self.num_classes
+        labels = _cat([t.labels.long() for t in targets])  # (sum K,)
+        cat_logits = _cat([l.cls_logits for l in layers])  # (sum Q, C+1)
+        cat_target = torch.full((len(cat_logits),), c, dtype=torch.long, device=device)
+        cat_target.index_put_((query,), labels.index_select(0, gt))
+        score_term = score_keep = box_term = None
+        if use_score:
+            scores = _cat([l.scores.reshape(-1) for l in layers])
+            score_term = LF.score_loss(scores.index_select(0, query), iou, reduction="none")
+            thr = self.score_iou_threshold
+            score_keep = iou > thr if thr is not None else torch.ones_like(iou, dtype=torch.bool)
+        if use_box:
+            for b, (layer, tgt) in enumerate(zip(layers, targets)):
+                if layer.box_preds is None:
                     raise ValueError(f"box_preds: box_loss={self.box_loss!r} needs (Q, 6) box "
                                      f"predictions on every layer, got None (sample {b})")
                 if tgt.boxes is None:
                     raise ValueError(f"boxes: box_loss={self.box_loss!r} needs (K, 6) GT boxes, "
                                      f"got None (sample {b})")
-                box.append((pred_boxes[qi], tgt.boxes[ki].to(pred_boxes.dtype)))
-        # score and box terms once for the whole batch's pairs
-        score_term = score_keep = box_term = None
-        if use_score:
-            iou = torch.cat(ious)  # (M,)
-            score_term = LF.score_loss(torch.cat(score), iou, reduction="none")
-            thr = self.score_iou_threshold
-            score_keep = iou > thr if thr is not None else torch.ones_like(iou, dtype=torch.bool)
-        if use_box:
-            box_term = self._box_term(torch.cat([p for p, _ in box]), torch.cat([g for _, g in box]))
-        cat_logits = torch.cat(logits)  # (sum Q, C+1)
-        cat_target = torch.cat(cls_target)  # (sum Q,)
+            pred = _cat([l.box_preds for l in layers]).index_select(0, query)
+            if all(l.query_centers is not None for l in layers):  # `LayerOutput.boxes`, batched
+                centers = _cat([l.query_centers for l in layers]).index_select(0, query)
+                pred = torch.cat([centers + pred[:, :3], pred[:, 3:]], 1)
+            elif any(l.query_centers is not None for l in layers):
+                pred = _cat([l.boxes() for l in layers]).index_select(0, query)
+            gt_boxes = _cat([t.boxes for t in targets]).index_select(0, gt).to(pred.dtype)
+            box_term = self._box_term(pred, gt_boxes)
         ce = F.cross_entropy(cat_logits, cat_target, reduction="none")
         cw = self.class_weight.to(ce.dtype)[cat_target]
-        q_sample = torch.repeat_interleave(
-            torch.arange(len(layers), device=ce.device),
-            torch.tensor([l.num_queries for l in layers], device=ce.device))
         return _LayerPairs(
-            sample=torch.cat(sample), bce=torch.cat(bce), dice=torch.cat(dice),
-            score=score_term, score_keep=score_keep, box=box_term,
-            ce=ce, ce_weight=cw, query_sample=q_sample, num_samples=len(layers))
+            sample=sample, bce=bce, dice=dice, score=score_term, score_keep=score_keep,
+            box=box_term, ce=ce, ce_weight=cw, query_sample=query_sample,
+            num_samples=len(layers))
 
     def _box_term(self, pred: Tensor, gt: Tensor) -> Tensor:
         if self.box_loss == "l1":

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from esam.losses import functional as LF
 from esam.losses import fused
+from esam.losses.rowwise import RowStats, row_instances
 from esam.structures import InstanceMasks
 
 __all__ = [
@@ -59,6 +60,13 @@ class CostTerm:
         """The `MaskSums` sums this term reads (computed together in one sweep)."""
         return ()
 
+    def row_cost(self, cls_logits: Tensor, sums: RowStats, labels: Tensor) -> Tensor | None:
+        """``(R, 1)`` unweighted cost of each row against its one candidate instance, from
+        `RowStats` (the same reads as `MaskSums`, one column per row) and ``labels (R,)``, the
+        candidate's class; None when the term has no such form (the matcher then takes its
+        general path)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight})"
 
@@ -72,6 +80,9 @@ class QueryClassificationCost(CostTerm):
 
     def cost(self, cls_logits, sums, labels):
         return LF.class_cost(cls_logits, labels, self.form)
+
+    def row_cost(self, cls_logits, sums, labels):
+        return LF.row_class_cost(cls_logits, labels, self.form)
 
 
 class MaskBCECost(CostTerm):
@@ -87,6 +98,9 @@ class MaskBCECost(CostTerm):
 
     def sums_needed(self):
         return ("softplus", "logits") if self.form == "bce" else ("probs",)
+
+    def row_cost(self, cls_logits, sums, labels):
+        return self.cost(cls_logits, sums, labels)  # the mask formulas read (R, 1) columns
 
     def cost(self, cls_logits, sums, labels):
         if self.form == "bce":
@@ -108,6 +122,9 @@ class MaskDiceCost(CostTerm):
 
     def cost(self, cls_logits, sums, labels):
         return LF.mask_dice_cost(sums.logits, sums.gt, self.form, sums=sums)
+
+    def row_cost(self, cls_logits, sums, labels):
+        return self.cost(cls_logits, sums, labels)
 
 
 def build_costs(weights: dict[str, float], *, class_form: str = "one_minus",
@@ -318,3 +335,56 @@ class SparseMatcher(_Matcher):
             out.append((ids[:, 0], ids[:, 1]))
             all_sums.append(sums)
         return (out, all_sums) if return_sums else out
+
+    @torch.no_grad()
+    def match_rows(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
+                   gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
+                   query_masks: Sequence[Tensor | None] | None,
+                   ) -> tuple[list[MatchIndices], RowStats, Tensor] | None:
+        """`forward` for a batch in which every query may match at most one instance (ESAM's
+        seed-superpoint masks), batched over samples (see `esam.losses.rowwise`).
+
+        Same arguments and assignment as ``forward``; returns ``(indices, stats, rows)``:
+        the assignment, the layer's `RowStats` (which `rowwise_mask_losses` reads) and ``(M,)``
+        the matched rows of the concatenated batch, in order. None when the batch does not
+        qualify — some query allowed for several instances, a dense GT mask, a cost term
+        without a row form, mixed dtypes — and ``forward`` must be used.
+        """
+        if query_masks is None:
+            raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, got None")
+        self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
+        if not len(cls_logits) or any(type(t).row_cost is CostTerm.row_cost for t in self.costs):
+            return None
+        inst = []
+        for i, (c, l, g, qm) in enumerate(zip(cls_logits, gt_labels, gt_masks, query_masks)):
+            q, k = c.shape[0], len(l)
+            if qm is None or qm.shape != (k, q):
+                raise ValueError(f"query_masks[{i}]: expected shape (K={k}, Q={q}), "
+                                 f"got {None if qm is None else tuple(qm.shape)}")
+            if g.ids is None:
+                return None
+            r = row_instances(qm)
+            if r is None:
+                return None
+            inst.append(r)
+        device = cls_logits[0].device
+        with torch.autocast(device.type, enabled=False):
+            xs = [LF.upcast(m.detach()).contiguous() for m in mask_logits]
+            cs = [LF.upcast(c) for c in cls_logits]
+            if len({x.dtype for x in xs}) > 1 or len({c.dtype for c in cs}) > 1:
+                return None
+            stats = RowStats(xs, gt_masks, inst)
+            c = torch.cat(cs) if len(cs) > 1 else cs[0]  # (R, C+1)
+            labels = torch.cat([l.long() for l in gt_labels])  # (sum K,)
+            row_labels = (labels.index_select(0, stats.group) if len(labels)
+                          else torch.zeros_like(stats.group))
+            total = sum(term.weight * term.row_cost(c, stats, row_labels) for term in self.costs)
+            total = torch.nan_to_num(total[:, 0], nan=1e8, posinf=1e8, neginf=-1e8)
+            total = total.masked_fill(~stats.has, float("inf"))
+        rows = stats.select_topk(total, self.topk).nonzero().squeeze(1)  # (M,) increasing
+        sample = stats.sample.index_select(0, rows)
+        counts = torch.bincount(sample, minlength=len(xs)).tolist()
+        offsets = torch.tensor(stats.query_offset, device=device)
+        query = (rows - offsets.index_select(0, sample)).split(counts)
+        gt = stats.inst.index_select(0, rows).split(counts)
+        return list(zip(query, gt)), stats, rows

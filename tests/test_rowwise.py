@@ -63,6 +63,8 @@ def test_match_rows_equals_forward(specs, topk, level):
         args = _args(preds, targets)
         expected = m(*args)
         indices, stats, rows = m.match_rows(*args)
+        again = m.match_rows(*args, candidates=[row_instances(qm) for qm in args[4]])
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(indices, again[0]))
         assert len(indices) == len(expected)
         for (q, k), (eq, ek) in zip(indices, expected):
             assert torch.equal(q, eq) and torch.equal(k, ek)
@@ -124,6 +126,13 @@ def test_row_stats_torch_equals_loop_and_fused_kernel():
     ids = torch.randint(-1, 3, (37,), generator=g)
     inst = torch.tensor([0, 2, NO_INSTANCE, 1, 0])
     torch.testing.assert_close(row_stats_torch(x, ids, inst), _stats_loop(x, ids, inst))
+    # column blocks on CPU (more than 2**18 elements): the same sums
+    wide = torch.randn(20, 15_000, generator=g, dtype=torch.float64) * 3
+    wide_ids = torch.randint(-1, 4, (15_000,), generator=g)
+    wide_inst = torch.tensor([0, 1, 2, 3, NO_INSTANCE] * 4)
+    from esam.losses.rowwise import _block_stats
+    torch.testing.assert_close(row_stats_torch(wide, wide_ids, wide_inst),
+                               _block_stats(wide, wide_ids, wide_inst))
     big = torch.randn(64, 1 << 14, generator=g)
     big_ids = torch.randint(-1, 6, (1 << 14,), generator=g)
     big_inst = torch.randint(-2, 6, (64,), generator=g)
@@ -144,8 +153,8 @@ def _terms_and_grads(preds, targets, cfg, batched):
     used = []
     real = SparseMatcher.match_rows
 
-    def spy(self, *a):
-        out = real(self, *a) if batched else None
+    def spy(self, *a, **kw):
+        out = real(self, *a, **kw) if batched else None
         used.append(out is not None)
         return out
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from esam.losses import functional as LF
 from esam.losses._dist import global_mean_count
 from esam.losses.matcher import HungarianMatcher, SparseMatcher
-from esam.losses.rowwise import RowStats, rowwise_mask_losses
+from esam.losses.rowwise import RowStats, row_instances, rowwise_mask_losses
 from esam.structures import FramePrediction, FrameTarget, LayerOutput
 
 __all__ = ["InstanceCriterion", "MixedInstanceCriterion", "InstanceWeights"]
@@ -148,15 +148,20 @@ class InstanceCriterion(nn.Module):
         return self._match(layers, targets)[0]
 
     def _match(self, layers: Sequence[LayerOutput], targets: Sequence[FrameTarget],
+               cache: dict | None = None,
                ) -> tuple[list[MatchIndices], list[LF.MaskSums | None] | _RowMatch]:
         """The assignment and the matcher's mask sums, which the mask losses reuse: per sample
-        `MaskSums`, or the batch's `RowStats` where the sparse matcher's batched path applies."""
+        `MaskSums`, or the batch's `RowStats` where the sparse matcher's batched path applies.
+        ``cache`` keeps what the layers of one batch share (each query's candidate)."""
         args = ([l.cls_logits for l in layers], [l.mask_logits for l in layers],
                 [t.labels for t in targets],
                 [t.masks(l.mask_level) for l, t in zip(layers, targets)],
                 [t.query_masks for t in targets])
         if isinstance(self.matcher, SparseMatcher):
-            batched = self.matcher.match_rows(*args)
+            cache = {} if cache is None else cache
+            if "candidates" not in cache and all(t.query_masks is not None for t in targets):
+                cache["candidates"] = [row_instances(t.query_masks) for t in targets]
+            batched = self.matcher.match_rows(*args, candidates=cache.get("candidates"))
             if batched is not None:
                 indices, stats, rows = batched
                 return indices, _RowMatch(stats, rows)
@@ -353,10 +358,11 @@ class InstanceCriterion(nn.Module):
             layers_by_depth = [[_fp32(p.layers[i]) for p in predictions] for i in range(n_layers)]
             final_layers = layers_by_depth[-1]
             final_sums = None
+            shared: dict = {}  # what every layer's matching shares
             if indices is not None:
                 final_indices = list(indices)
             else:
-                final_indices, final_sums = self._match(final_layers, targets)
+                final_indices, final_sums = self._match(final_layers, targets, shared)
             terms: dict[str, Tensor] = {}
             total = None
             depths = range(n_layers) if self.aux_loss else [n_layers - 1]
@@ -366,7 +372,7 @@ class InstanceCriterion(nn.Module):
                 if final:
                     idx, sums = final_indices, final_sums
                 elif self.iter_matcher:
-                    idx, sums = self._match(layers, targets)
+                    idx, sums = self._match(layers, targets, shared)
                 else:
                     idx, sums = final_indices, None
                 pairs = self._layer_pairs(layers, targets, idx, sums)

@@ -340,6 +340,7 @@ class SparseMatcher(_Matcher):
     def match_rows(self, cls_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
                    gt_labels: Sequence[Tensor], gt_masks: Sequence[InstanceMasks],
                    query_masks: Sequence[Tensor | None] | None,
+                   candidates: Sequence[Tensor | None] | None = None,
                    ) -> tuple[list[MatchIndices], RowStats, Tensor] | None:
         """`forward` for a batch in which every query may match at most one instance (ESAM's
         seed-superpoint masks), batched over samples (see `esam.losses.rowwise`).
@@ -349,6 +350,9 @@ class SparseMatcher(_Matcher):
         the matched rows of the concatenated batch, in order. None when the batch does not
         qualify — some query allowed for several instances, a dense GT mask, a cost term
         without a row form, mixed dtypes — and ``forward`` must be used.
+
+        ``candidates`` may pass each sample's `row_instances` of its ``query_masks`` when
+        already known (layers of one batch share them).
         """
         if query_masks is None:
             raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, got None")
@@ -363,7 +367,7 @@ class SparseMatcher(_Matcher):
                                  f"got {None if qm is None else tuple(qm.shape)}")
             if g.ids is None:
                 return None
-            r = row_instances(qm)
+            r = row_instances(qm) if candidates is None else candidates[i]
             if r is None:
                 return None
             inst.append(r)

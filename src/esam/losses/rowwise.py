@@ -27,6 +27,9 @@ from esam.structures import InstanceMasks
 __all__ = ["RowStats", "row_instances", "row_stats_torch", "rowwise_mask_losses"]
 
 NO_INSTANCE = fused.NO_INSTANCE
+# `fused.row_stats` pays from here on (one compiled call per sample against ~15 torch ops over
+# temporaries of the logits' size); its gradient pass only from `fused.MIN_ELEMENTS`
+MIN_STATS_ELEMENTS = 1 << 16
 
 
 def row_instances(query_masks: Tensor) -> Tensor | None:
@@ -43,11 +46,29 @@ def row_instances(query_masks: Tensor) -> Tensor | None:
     return torch.where(count > 0, first, torch.full_like(first, NO_INSTANCE))
 
 
+_BLOCK = 1 << 18  # elements per column block of `row_stats_torch` on CPU (1 MB in float32)
+
+
 def row_stats_torch(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
     """`esam.losses.fused.row_stats` with torch ops: ``(8, R)`` per-row sums of ``x (R, P)``
     (totals of softplus, sigmoid, sigmoid squared and ``[sigmoid >= 0.5]``; the same three of
     logits, sigmoid and hits over the positions of each row's instance ``inst (R,)``; the row
-    totals of the logits)."""
+    totals of the logits).
+
+    On CPU the columns go in blocks small enough to stay in cache, so no temporary of the
+    logits' size is ever allocated (and page-faulted in).
+    """
+    r, p = x.shape
+    if x.device.type != "cpu" or r * p <= _BLOCK:
+        return _block_stats(x, ids, inst)
+    step = max(256, _BLOCK // max(r, 1))
+    out = _block_stats(x[:, :step], ids[:step], inst)
+    for start in range(step, p, step):
+        out += _block_stats(x[:, start:start + step], ids[start:start + step], inst)
+    return out
+
+
+def _block_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
     q = x.sigmoid()
     hit = (q >= 0.5).to(x.dtype)
     member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)
@@ -86,7 +107,8 @@ class RowStats:
             if x.shape[0] == 0 or not bool((i != NO_INSTANCE).any()):
                 parts.append(x.new_zeros(8, x.shape[0]))  # nothing to match in this sample
                 continue
-            s = fused.row_stats(x, m.ids, i) if fused.applies(x) else None
+            least = min(MIN_STATS_ELEMENTS, fused.MIN_ELEMENTS)
+            s = fused.row_stats(x, m.ids, i) if fused.applies(x, least) else None
             parts.append(s if s is not None else row_stats_torch(x, m.ids, i))
         self.stats = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (8, R)
         counts = torch.tensor(self.num_queries, device=dev)

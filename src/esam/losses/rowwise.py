@@ -29,7 +29,7 @@ __all__ = ["RowStats", "row_instances", "row_stats_torch", "rowwise_mask_losses"
 NO_INSTANCE = fused.NO_INSTANCE
 # `fused.row_stats` pays from here on (one compiled call per sample against ~15 torch ops over
 # temporaries of the logits' size); its gradient pass only from `fused.MIN_ELEMENTS`
-MIN_STATS_ELEMENTS = 1 << 16
+MIN_STATS_ELEMENTS = 1 << 15
 
 
 def row_instances(query_masks: Tensor) -> Tensor | None:

@@ -120,6 +120,14 @@ def _stats_loop(x, ids, inst):
     return out
 
 
+def _stats_dense(x, ids, inst):
+    q = x.sigmoid()
+    hit = (q >= 0.5).to(x.dtype)
+    m = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)
+    return torch.stack([torch.nn.functional.softplus(x).sum(1), q.sum(1), (q * q).sum(1),
+                        hit.sum(1), (m * x).sum(1), (m * q).sum(1), (m * hit).sum(1), x.sum(1)])
+
+
 def test_row_stats_torch_equals_loop_and_fused_kernel():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 37, generator=g, dtype=torch.float64) * 4
@@ -130,12 +138,16 @@ def test_row_stats_torch_equals_loop_and_fused_kernel():
     wide = torch.randn(20, 15_000, generator=g, dtype=torch.float64) * 3
     wide_ids = torch.randint(-1, 4, (15_000,), generator=g)
     wide_inst = torch.tensor([0, 1, 2, 3, NO_INSTANCE] * 4)
-    from esam.losses.rowwise import _block_stats
     torch.testing.assert_close(row_stats_torch(wide, wide_ids, wide_inst),
-                               _block_stats(wide, wide_ids, wide_inst))
+                               _stats_dense(wide, wide_ids, wide_inst))
+    # an instance without positions, and the InstanceMasks form
+    masks = InstanceMasks(ids=ids, num_instances=5)
+    inst5 = torch.tensor([4, 2, NO_INSTANCE, 1, 0])
+    torch.testing.assert_close(row_stats_torch(x, masks, inst5), _stats_loop(x, ids, inst5))
     big = torch.randn(64, 1 << 14, generator=g)
     big_ids = torch.randint(-1, 6, (1 << 14,), generator=g)
-    big_inst = torch.randint(-2, 6, (64,), generator=g)
+    big_inst = torch.randint(-1, 6, (64,), generator=g)
+    big_inst[big_inst < 0] = NO_INSTANCE
     kernel = fused.row_stats(big, big_ids, big_inst)
     if kernel is not None:
         ref = row_stats_torch(big.double(), big_ids, big_inst)
@@ -190,14 +202,20 @@ def test_criterion_batched_equals_general_path(dice, normalization, specs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_criterion_batched_with_fused_kernels_equals_general_path():
-    """A point layer large enough for the fused kernels (float32)."""
+@pytest.mark.parametrize("kernels", [True, False])
+def test_criterion_batched_on_large_layers_equals_general_path(kernels):
+    """A point layer large enough for the fused kernels (float32), with them and without
+    (the torch-op statistics in column blocks, the gradient's unwritten rows lazily zero)."""
     preds, targets = make_batch([(64, 6, 1 << 14), (48, 4, 20_000)], seed=7, c=1, s=50,
                                 dtype=torch.float32, levels=("superpoint", "point"))
     targets = _seeded(targets, seed=8)
     assert fused.applies(preds[0].layers[-1].mask_logits)
     cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
-    terms_b, grads_b = _terms_and_grads(preds, targets, cfg, batched=True)
+    previous = fused.set_enabled(kernels)
+    try:
+        terms_b, grads_b = _terms_and_grads(preds, targets, cfg, batched=True)
+    finally:
+        fused.set_enabled(previous)
     terms_g, grads_g = _terms_and_grads(preds, targets, cfg, batched=False)
     for k in terms_b:
         torch.testing.assert_close(terms_b[k], terms_g[k], rtol=1e-5, atol=1e-6, msg=k)

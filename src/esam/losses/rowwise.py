@@ -27,6 +27,7 @@ from esam.structures import InstanceMasks
 __all__ = ["RowStats", "row_instances", "row_stats_torch", "rowwise_mask_losses"]
 
 NO_INSTANCE = fused.NO_INSTANCE
+_BLOCK = 1 << 18  # elements per column block of `row_stats_torch` on CPU (1 MB in float32)
 # `fused.row_stats` pays from here on (one compiled call per sample against ~15 torch ops over
 # temporaries of the logits' size); its gradient pass only from `fused.MIN_ELEMENTS`
 MIN_STATS_ELEMENTS = 1 << 15
@@ -46,35 +47,45 @@ def row_instances(query_masks: Tensor) -> Tensor | None:
     return torch.where(count > 0, first, torch.full_like(first, NO_INSTANCE))
 
 
-_BLOCK = 1 << 18  # elements per column block of `row_stats_torch` on CPU (1 MB in float32)
-
-
-def row_stats_torch(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+def row_stats_torch(x: Tensor, masks: InstanceMasks | Tensor, inst: Tensor) -> Tensor:
     """`esam.losses.fused.row_stats` with torch ops: ``(8, R)`` per-row sums of ``x (R, P)``
     (totals of softplus, sigmoid, sigmoid squared and ``[sigmoid >= 0.5]``; the same three of
     logits, sigmoid and hits over the positions of each row's instance ``inst (R,)``; the row
     totals of the logits).
 
-    On CPU the columns go in blocks small enough to stay in cache, so no temporary of the
-    logits' size is ever allocated (and page-faulted in).
+    ``masks``: the GT masks (``ids`` encoding), or their ``(P,)`` ids. The row totals walk CPU
+    logits in column blocks small enough to stay in cache (no temporary of the logits' size);
+    the instance sums gather each row's instance members only (``sum_r |g_r|`` elements).
     """
+    if isinstance(masks, Tensor):
+        k = int(max(masks.max(), inst.max())) + 1 if masks.numel() and inst.numel() else 0
+        masks = InstanceMasks(ids=masks, num_instances=max(k, 0))
     r, p = x.shape
     if x.device.type != "cpu" or r * p <= _BLOCK:
-        return _block_stats(x, ids, inst)
-    step = max(256, _BLOCK // max(r, 1))
-    out = _block_stats(x[:, :step], ids[:step], inst)
-    for start in range(step, p, step):
-        out += _block_stats(x[:, start:start + step], ids[start:start + step], inst)
-    return out
+        totals = _block_totals(x)
+    else:
+        step = max(256, _BLOCK // max(r, 1))
+        totals = _block_totals(x[:, :step])
+        for start in range(step, p, step):
+            totals += _block_totals(x[:, start:start + step])
+    inside = x.new_zeros(3, r)
+    rows = (inst >= 0).nonzero().squeeze(1)
+    if len(rows) and p:
+        row_inst = inst.index_select(0, rows)
+        _, flat = masks.pair_positions(rows, row_inst, p)
+        v = torch.take(x, flat)  # (T,) logits at every member of every row's instance
+        qv = v.sigmoid()
+        lengths = masks.members()[2].index_select(0, row_inst)
+        sums = torch.segment_reduce(torch.stack([v, qv, (qv >= 0.5).to(x.dtype)], 1), "sum",
+                                    lengths=lengths)  # (A, 3)
+        inside.index_copy_(1, rows, sums.T)
+    return torch.cat([totals[:4], inside, totals[4:]])
 
 
-def _block_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor:
+def _block_totals(x: Tensor) -> Tensor:
     q = x.sigmoid()
-    hit = (q >= 0.5).to(x.dtype)
-    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)
-    return torch.stack([F.softplus(x).sum(1), q.sum(1), (q * q).sum(1), hit.sum(1),
-                        (member * x).sum(1), (member * q).sum(1), (member * hit).sum(1),
-                        x.sum(1)])
+    return torch.stack([F.softplus(x).sum(1), q.sum(1), (q * q).sum(1),
+                        (q >= 0.5).to(x.dtype).sum(1), x.sum(1)])
 
 
 class RowStats:
@@ -109,7 +120,7 @@ class RowStats:
                 continue
             least = min(MIN_STATS_ELEMENTS, fused.MIN_ELEMENTS)
             s = fused.row_stats(x, m.ids, i) if fused.applies(x, least) else None
-            parts.append(s if s is not None else row_stats_torch(x, m.ids, i))
+            parts.append(s if s is not None else row_stats_torch(x, m, i))
         self.stats = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (8, R)
         counts = torch.tensor(self.num_queries, device=dev)
         self.sample = torch.repeat_interleave(torch.arange(len(self.x), device=dev), counts,
@@ -233,7 +244,11 @@ def _sample_grad(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tenso
     member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)
     a, b, c, gamma, beta = (coef[:, i:i + 1].to(x.dtype) for i in range(5))
     rows_grad = p * (a + p * b) + c * p * pp - member * (gamma + beta * pp)
-    return x.new_zeros(x.shape).index_copy_(0, rows, rows_grad)
+    if x.device.type == "cpu" and x.numel() >= fused.MIN_ELEMENTS:
+        out = fused.lazy_zeros(tuple(x.shape), x.dtype)  # unwritten rows: no page faults
+    else:
+        out = x.new_zeros(x.shape)
+    return out.index_copy_(0, rows, rows_grad)
 
 
 def rowwise_mask_losses(stats: RowStats, rows: Tensor, form: str, with_iou: bool,

@@ -12,6 +12,7 @@ import torch
 
 from esam.config import esam_preset
 from esam.losses import MaskBCECost, MaskDiceCost, QueryClassificationCost, SparseMatcher, fused
+from esam.losses import InstanceCriterion
 from esam.losses.criterion import build_instance_criterion
 from esam.losses.matcher import CostTerm
 from esam.losses.rowwise import (NO_INSTANCE, RowStats, row_instances, row_stats_torch,
@@ -155,7 +156,7 @@ def test_row_stats_torch_equals_loop_and_fused_kernel():
         assert ((kernel.double() - ref).abs() / scale).max() < 1e-6
 
 
-def _terms_and_grads(preds, targets, cfg, batched):
+def _terms_and_grads(preds, targets, cfg, batched, every_layer=True):
     leaves = [t for p in preds for l in p.layers
               for t in (l.cls_logits, l.mask_logits, l.scores, l.box_preds, l.query_centers)]
     for t in leaves:
@@ -170,11 +171,21 @@ def _terms_and_grads(preds, targets, cfg, batched):
         used.append(out is not None)
         return out
 
+    real_every = InstanceCriterion._every_layer
+    every = []
+
+    def spy_every(self, *a):
+        out = real_every(self, *a) if every_layer else None
+        every.append(out is not None)
+        return out
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SparseMatcher, "match_rows", spy)
+        mp.setattr(InstanceCriterion, "_every_layer", spy_every)
         terms = crit(preds, targets)
     terms["loss"].backward()
     assert all(used) if batched else not any(used)
+    assert every == [batched and every_layer]  # one call, used where it may be
     return ({k: v.detach() for k, v in terms.items()},
             [t.grad.clone() if t.grad is not None else None for t in leaves])
 
@@ -189,17 +200,19 @@ def test_criterion_batched_equals_general_path(dice, normalization, specs):
     cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
     cfg.dice_form = cfg.matcher.dice_cost = dice
     cfg.normalization = normalization
-    terms_b, grads_b = _terms_and_grads(preds, targets, cfg, batched=True)
     terms_g, grads_g = _terms_and_grads(preds, targets, cfg, batched=False)
-    assert terms_b.keys() == terms_g.keys()
-    for k in terms_b:
-        torch.testing.assert_close(terms_b[k], terms_g[k], rtol=1e-10, atol=1e-12, msg=k)
-        assert torch.isfinite(terms_b[k])
-    for a, b in zip(grads_b, grads_g):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for every_layer in (True, False):  # all layers in one matcher call, or layer by layer
+        terms_b, grads_b = _terms_and_grads(preds, targets, cfg, batched=True,
+                                            every_layer=every_layer)
+        assert terms_b.keys() == terms_g.keys()
+        for k in terms_b:
+            torch.testing.assert_close(terms_b[k], terms_g[k], rtol=1e-10, atol=1e-12, msg=k)
+            assert torch.isfinite(terms_b[k])
+        for a, b in zip(grads_b, grads_g):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernels", [True, False])
@@ -275,6 +288,7 @@ def test_batched_path_huge_logits_and_no_instances():
     cfg = esam_preset(num_semantic_classes=4, num_instance_classes=1)
     terms, grads = _terms_and_grads(preds, targets, cfg, batched=True)
     assert all(torch.isfinite(v) for v in terms.values())
+    assert {"loss_dice", "loss_dice_0", "loss_bbox_0", "loss_score_0"} <= terms.keys()
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     # the sample without instances still gets (zero) mask gradients
     assert grads[1 * 10 + 1] is not None

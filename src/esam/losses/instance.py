@@ -65,6 +65,25 @@ class _RowMatch:
     rows: Tensor  # (M,) increasing rows of the concatenated batch
 
 
+def _split_layers(p: _LayerPairs, n: int, b: int, queries: list[int]) -> list[_LayerPairs]:
+    """Pairs of L*B (layer, sample) entries, layer-major, -> one `_LayerPairs` per layer."""
+    layer = torch.div(p.sample, b, rounding_mode="floor")
+    counts = torch.bincount(layer, minlength=n).tolist()  # pairs are sorted by entry
+
+    def by_pair(t: Tensor | None) -> list[Tensor | None]:
+        return [None] * n if t is None else list(t.split(counts))
+
+    def by_query(t: Tensor) -> list[Tensor]:
+        return list(t.split(queries))
+
+    fields = zip(by_pair(p.sample - layer * b), by_pair(p.bce), by_pair(p.dice),
+                 by_pair(p.score), by_pair(p.score_keep), by_pair(p.box), by_query(p.ce),
+                 by_query(p.ce_weight), by_query(torch.remainder(p.query_sample, b)))
+    return [_LayerPairs(sample=s, bce=bce, dice=dice, score=sc, score_keep=keep, box=box, ce=ce,
+                        ce_weight=cw, query_sample=qs, num_samples=b)
+            for s, bce, dice, sc, keep, box, ce, cw, qs in fields]
+
+
 def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
@@ -166,6 +185,39 @@ class InstanceCriterion(nn.Module):
                 indices, stats, rows = batched
                 return indices, _RowMatch(stats, rows)
         return self.matcher(*args, return_sums=True)
+
+    def _every_layer(self, layers_by_depth: list[list[LayerOutput]],
+                     targets: Sequence[FrameTarget], shared: dict,
+                     ) -> tuple[list[_LayerPairs], list[MatchIndices]] | None:
+        """Every layer matched and turned into pairs at once, the (layer, sample) entries of
+        the batch treated as L*B samples of one `SparseMatcher.match_rows` call (each is
+        matched on its own; only the bookkeeping is shared). Returns the per-layer pairs and
+        the final layer's assignment, or None where that path does not apply (the per-layer
+        loop then runs, and reports any bad input by sample)."""
+        if not isinstance(self.matcher, SparseMatcher):
+            return None
+        n, b = len(layers_by_depth), len(targets)
+        flat = [l for layers in layers_by_depth for l in layers]  # layer-major
+        flat_targets = list(targets) * n
+        use_box = self.box_loss is not None and self.weights.bbox != 0
+        for l, t in zip(flat, flat_targets):
+            if (t.query_masks is None or t.query_masks.shape[1] != l.num_queries
+                    or l.mask_logits.shape[1] != t.masks(l.mask_level).num_positions
+                    or (use_box and (l.box_preds is None or t.boxes is None))):
+                return None
+        if "candidates" not in shared:
+            shared["candidates"] = [row_instances(t.query_masks) for t in targets]
+        matched = self.matcher.match_rows(
+            [l.cls_logits for l in flat], [l.mask_logits for l in flat],
+            [t.labels for t in flat_targets],
+            [t.masks(l.mask_level) for l, t in zip(flat, flat_targets)],
+            [t.query_masks for t in flat_targets], candidates=shared["candidates"] * n)
+        if matched is None:
+            return None
+        indices, stats, rows = matched
+        pairs = self._layer_pairs(flat, flat_targets, indices, _RowMatch(stats, rows))
+        return _split_layers(pairs, n, b, [sum(l.num_queries for l in ls)
+                                           for ls in layers_by_depth]), indices[-b:]
 
     # -- per layer ----------------------------------------------------------------------------
 
@@ -359,7 +411,12 @@ class InstanceCriterion(nn.Module):
             final_layers = layers_by_depth[-1]
             final_sums = None
             shared: dict = {}  # what every layer's matching shares
-            if indices is not None:
+            every_layer = None
+            if indices is None and self.aux_loss and self.iter_matcher and n_layers > 1:
+                every_layer = self._every_layer(layers_by_depth, targets, shared)
+            if every_layer is not None:
+                all_pairs, final_indices = every_layer
+            elif indices is not None:
                 final_indices = list(indices)
             else:
                 final_indices, final_sums = self._match(final_layers, targets, shared)
@@ -369,13 +426,16 @@ class InstanceCriterion(nn.Module):
             for i in depths:
                 final = i == n_layers - 1
                 layers = layers_by_depth[i]
-                if final:
-                    idx, sums = final_indices, final_sums
-                elif self.iter_matcher:
-                    idx, sums = self._match(layers, targets, shared)
+                if every_layer is not None:
+                    pairs = all_pairs[i]
                 else:
-                    idx, sums = final_indices, None
-                pairs = self._layer_pairs(layers, targets, idx, sums)
+                    if final:
+                        idx, sums = final_indices, final_sums
+                    elif self.iter_matcher:
+                        idx, sums = self._match(layers, targets, shared)
+                    else:
+                        idx, sums = final_indices, None
+                    pairs = self._layer_pairs(layers, targets, idx, sums)
                 # Keeps every term on the graph when nothing matched (then gradients are zeros,
                 # not None); cheap, since the mask part is a one-column slice.
                 anchor = sum(l.cls_logits.sum() for l in layers)

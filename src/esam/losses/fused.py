@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
-           "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "row_grad",
+           "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "row_grad", "row_grad_at",
            "row_instances", "row_stats", "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
@@ -314,11 +314,19 @@ def row_grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor | Non
     if coef.shape != (x.shape[0], 5):
         raise ValueError(f"coef: expected shape (R={x.shape[0]}, 5), got {tuple(coef.shape)}")
     rows = ((inst != NO_INSTANCE) | (coef != 0).any(1)).nonzero().squeeze(1)
+    return row_grad_at(x, ids, rows, inst.index_select(0, rows), coef.index_select(0, rows))
+
+
+def row_grad_at(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tensor
+                ) -> Tensor | None:
+    """`row_grad` for callers that know the rows to compute: ``rows (U,)`` distinct row
+    indices, ``inst (U,)`` their pairs' instances and ``coef (U, 5)`` their coefficients;
+    every other row is zero."""
     out = lazy_zeros(tuple(x.shape), x.dtype)
     if len(rows) == 0:
         return out
-    done = _run("grad", _grad, out, x, rows, ids, inst.index_select(0, rows),
-                coef.index_select(0, rows).to(x.dtype))
+    # fresh tensors: a view (a slice of a larger coefficient table) would be a graph of its own
+    done = _run("grad", _grad, out, x, rows, ids, inst, coef.to(x.dtype, copy=True))
     return None if done is None else out
 
 

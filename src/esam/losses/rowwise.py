@@ -231,11 +231,7 @@ def _sample_grad(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tenso
     """``(Q, P)`` gradient of one sample: rows ``rows (n,)`` paired with ``inst (n,)`` get the
     row formula of `esam.losses.fused.row_grad` with coefficients ``coef (n, 5)``."""
     if fused.applies(x):
-        q = x.shape[0]
-        per_row = torch.full((q,), NO_INSTANCE, dtype=torch.long, device=x.device)
-        per_row.index_put_((rows,), inst)
-        full = x.new_zeros(q, 5).index_put_((rows,), coef.to(x.dtype))
-        grad = fused.row_grad(x, ids, per_row, full)
+        grad = fused.row_grad_at(x, ids, rows, inst, coef)
         if grad is not None:
             return grad
     xr = x.index_select(0, rows)

@@ -63,13 +63,14 @@ def _loop_pool(labels, sp, s, v, ignore, mode):
 
 @pytest.mark.parametrize("mode", ["plurality", "majority"])
 @pytest.mark.parametrize("seed", range(4))
-def test_pooling_to_superpoints_equals_a_loop_over_votes(mode, seed):
+@pytest.mark.parametrize("ignore", [-1, 1, 3])  # below, inside and at the end of [0, v)
+def test_pooling_to_superpoints_equals_a_loop_over_votes(mode, seed, ignore):
     g = torch.Generator().manual_seed(seed)
     n, s, v = 60, 9, 3  # few labels per superpoint: many ties
     labels = torch.randint(-1, v + 1, (n,), generator=g)  # -1 and v: unlabeled / ignore
     sp = torch.randint(0, s - 1, (n,), generator=g)  # the last superpoint gets no point
-    got = pool_to_superpoints(labels, sp, s, v, ignore_value=v, mode=mode)
-    assert got.tolist() == _loop_pool(labels, sp, s, v, v, mode)
+    got = pool_to_superpoints(labels, sp, s, v, ignore_value=ignore, mode=mode)
+    assert got.tolist() == _loop_pool(labels, sp, s, v, ignore, mode)
 
 
 def test_all_unlabeled_sample_is_skipped_not_nan():

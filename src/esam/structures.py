@@ -265,24 +265,26 @@ def pool_to_superpoints(labels: Tensor, superpoints: Tensor, num_superpoints: in
         raise ValueError(f"mode: expected 'plurality' or 'majority', got {mode!r}")
     if num_values == 0:
         return torch.full((num_superpoints,), ignore_value, dtype=torch.long, device=labels.device)
-    valid = (labels >= 0) & (labels < num_values) & (labels != ignore_value)
+    lab = labels.long()
+    valid = (lab >= 0) & (lab < num_values)
+    if 0 <= ignore_value < num_values:
+        valid &= lab != ignore_value
     sp = superpoints.long()
-    lab = torch.where(valid, labels.long(), torch.full_like(labels.long(), num_values))
-    # (S, V+1) votes: one bincount of the flat (superpoint, label) cell, cheaper than a 2-D
-    # accumulating index_put
-    counts = torch.bincount(sp * (num_values + 1) + lab,
-                            minlength=num_superpoints * (num_values + 1))
+    # (S, V+1) votes (column V: no label): one bincount of the flat (superpoint, label) cell,
+    # cheaper than a 2-D accumulating index_put
+    cell = torch.where(valid, lab, num_values).add_(sp, alpha=num_values + 1)
+    counts = torch.bincount(cell, minlength=num_superpoints * (num_values + 1))
     counts = counts.view(num_superpoints, num_values + 1)
-    total = counts.sum(1)  # (S,) every point, voters or not
     if mode == "plurality":
         # Unlabeled points vote too (for "ignore"), as ESAM's argmax over C+1 frequencies does;
-        # ties go to the smallest label, so a labelled class wins a tie with "ignore".
-        _, best = counts.max(1)
-        keep = (best < num_values) & (total > 0)
+        # ties go to the smallest label, so a labelled class wins a tie with "ignore". A
+        # superpoint without points has no vote at all.
+        best_count, best = counts.max(1)
+        keep = (best < num_values) & (best_count > 0)
     else:
         best_count, best = counts[:, :num_values].max(1)
-        keep = 2 * best_count > total
-    return torch.where(keep, best, torch.full_like(best, ignore_value))
+        keep = 2 * best_count > torch.bincount(sp, minlength=num_superpoints)  # every point
+    return torch.where(keep, best, ignore_value)
 
 
 def boxes_from_instance_ids(points: Tensor, ids: Tensor, num_instances: int) -> Tensor:
@@ -598,16 +600,18 @@ def check_finite(named: list[tuple[str, Tensor]]) -> None:
     the tensor finite; a non-finite sum (a NaN/Inf, or an overflow of huge finite values) falls
     back to the exact element-wise test. Five to thirty times cheaper than ``isfinite().all()``.
     """
-    named = [(n, t.detach()) for n, t in named
-             if t is not None and t.is_floating_point() and t.numel()]
+    named = [(n, t) for n, t in named if t is not None and t.is_floating_point() and t.numel()]
     if not named:
         return
-    # float64 accumulation for float64 inputs, float32 otherwise (half sums overflow at 65504)
-    sums = torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).double()
-                        for _, t in named])
+    # float64 accumulation for float64 inputs, float32 otherwise (half sums overflow at 65504);
+    # one op per tensor (no graph is recorded under no_grad), promoted by the stack
+    with torch.no_grad():
+        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64
+                                  else torch.float32) for _, t in named])
     maybe_bad = ~torch.isfinite(sums)
     if not bool(maybe_bad.any()):
         return
+    named = [(n, t.detach()) for n, t in named]
     ok = torch.stack([torch.isfinite(t).all() if bad else torch.ones((), dtype=torch.bool,
                                                                       device=t.device)
                       for (_, t), bad in zip(named, maybe_bad.tolist())])

@@ -234,12 +234,13 @@ def _sample_grad(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tenso
         grad = fused.row_grad_at(x, ids, rows, inst, coef)
         if grad is not None:
             return grad
-    xr = x.index_select(0, rows)
-    p = torch.sigmoid(xr)
-    pp = p * (1 - p)
-    member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)
-    a, b, c, gamma, beta = (coef[:, i:i + 1].to(x.dtype) for i in range(5))
-    rows_grad = p * (a + p * b) + c * p * pp - member * (gamma + beta * pp)
+    p = torch.sigmoid(x.index_select(0, rows))  # (n, P)
+    pp = torch.addcmul(p, p, p, value=-1)  # p (1 - p)
+    a, b, c, gamma, beta = coef.to(x.dtype).T.unsqueeze(-1)  # each (n, 1)
+    # p (a + p b + c p (1 - p)) - [member] (gamma + beta p (1 - p)), in place on two buffers
+    rows_grad = torch.addcmul(a, p, b).addcmul_(c, pp).mul_(p)
+    member = torch.addcmul(gamma, beta, pp).mul_(ids.unsqueeze(0) == inst.unsqueeze(1))
+    rows_grad.sub_(member)
     if x.device.type == "cpu" and x.numel() >= fused.MIN_ELEMENTS:
         out = fused.lazy_zeros(tuple(x.shape), x.dtype)  # unwritten rows: no page faults
     else:

@@ -531,55 +531,56 @@ class _MatchedMaskLoss(torch.autograd.Function):
     def backward(ctx, g_bce, g_dice):
         x, query_idx, gt_idx, inter, q_term, sizes = ctx.saved_tensors
         p = x.shape[1]
-        den = q_term + sizes + 1  # (M,)
-        gamma = g_bce / max(p, 1)  # BCE: gamma * q on the row, -gamma on members
-        beta = g_dice * 2 / den  # Dice: -beta * q (1 - q) on members
-        if ctx.form == "seed":
-            alpha, delta = torch.zeros_like(den), g_dice * 4 * inter / den ** 2
-        else:
-            alpha, delta = g_dice * (2 * inter + 1) / den ** 2, torch.zeros_like(den)
-        grad = _fused_matched_grad(ctx.gt, x, query_idx, gt_idx, alpha, gamma, delta, beta,
-                                   ctx.form)
+        coef = _matched_grad_coef(g_bce, g_dice, inter, q_term, sizes, max(p, 1), ctx.form)
+        grad = _fused_matched_grad(ctx.gt, x, query_idx, gt_idx, coef)
         if grad is not None:
             return (grad.to(ctx.logits_dtype),) + (None,) * 10
         rows, inverse = torch.unique(query_idx, return_inverse=True)  # (U,), (M,)
-
-        def per_row(v: Tensor) -> Tensor:  # (M,) -> (U, 1), summed over pairs sharing a query
-            return v.new_zeros(len(rows)).index_add_(0, inverse, v).unsqueeze(1)
-
+        # the row part's coefficients summed over pairs that share a query, each (U, 1)
+        a, b, c = coef.new_zeros(len(rows), 3).index_add_(0, inverse, coef[:, :3]).T.unsqueeze(-1)
         q = x.index_select(0, rows).sigmoid_()  # (U, P)
-        if ctx.form == "seed":  # q * (delta q (1 - q) + gamma)
-            grad_rows = torch.addcmul(q, q, q, value=-1).mul_(per_row(delta))
-            grad_rows.add_(per_row(gamma)).mul_(q)
-        else:  # q * ((alpha + gamma) - alpha q)
-            a = per_row(alpha)
-            grad_rows = torch.addcmul(a + per_row(gamma), q, a, value=-1).mul_(q)
+        grad_rows = torch.addcmul(a, q, b).addcmul_(c, torch.addcmul(q, q, q, value=-1)).mul_(q)
         grad = x.new_zeros(x.shape).index_copy_(0, rows, grad_rows)
         pair, flat = ctx.gt.pair_positions(query_idx, gt_idx, p)
         qm = torch.take(x, flat).sigmoid_()  # (T,) q at every member of every pair
-        member = torch.addcmul(gamma.index_select(0, pair), qm - qm * qm,
-                               beta.index_select(0, pair))  # (T,)
+        member = torch.addcmul(coef[:, 3].index_select(0, pair), qm - qm * qm,
+                               coef[:, 4].index_select(0, pair))  # (T,)
         grad.view(-1).index_add_(0, flat, member, alpha=-1)
         return (grad.to(ctx.logits_dtype),) + (None,) * 10
 
 
+def _matched_grad_coef(g_bce: Tensor, g_dice: Tensor, inter: Tensor, q_term: Tensor,
+                       sizes: Tensor, positions: int | Tensor, form: DiceForm) -> Tensor:
+    """``(M, 5)`` coefficients ``a, b, c, gamma, beta`` of the matched BCE and Dice gradient:
+    with ``q = sigmoid(x)`` and ``g`` the pair's GT mask, position i of the pair's row gets
+    ``q (a + b q + c q (1 - q)) - g_i (gamma + beta q (1 - q))`` (`esam.losses.fused.row_grad`).
+
+    ``positions``: P, at least 1 (an int, or per pair ``(M,)``). The losses' incoming
+    gradients are ``g_bce``, ``g_dice`` and their sums ``inter``, ``q_term``, ``sizes``
+    (see `_MatchedMaskLoss`).
+    """
+    den = q_term + sizes + 1  # (M,)
+    gamma = g_bce / positions  # BCE: gamma q on the row, -gamma on members
+    beta = g_dice * 2 / den  # Dice: -beta q (1 - q) on members
+    zero = torch.zeros_like(gamma)
+    if form == "seed":  # row part gamma q + delta q^2 (1 - q)
+        return torch.stack([gamma, zero, g_dice * 4 * inter / den ** 2, gamma, beta], 1)
+    alpha = g_dice * (2 * inter + 1) / den ** 2  # row part q ((alpha + gamma) - alpha q)
+    return torch.stack([alpha + gamma, -alpha, zero, gamma, beta], 1)
+
+
 def _fused_matched_grad(gt: InstanceMasks, x: Tensor, query_idx: Tensor, gt_idx: Tensor,
-                        alpha: Tensor, gamma: Tensor, delta: Tensor, beta: Tensor,
-                        form: DiceForm) -> Tensor | None:
-    """`_MatchedMaskLoss`'s gradient in one fused pass (`esam.losses.fused.row_grad`) when each
-    query has at most one pair; None when the kernel does not apply."""
+                        coef: Tensor) -> Tensor | None:
+    """`_MatchedMaskLoss`'s gradient in one fused pass (`esam.losses.fused.row_grad`) from
+    the pairs' coefficients ``coef (M, 5)`` when each query has at most one pair; None when the
+    kernel does not apply."""
     if gt.ids is None or not fused.applies(x) or len(query_idx) == 0:
         return None
     q = x.shape[0]
     inst = fused.row_instances(query_idx, gt_idx, q)
     if inst is None:
         return None
-    if form == "seed":  # row part gamma q + delta q^2 (1 - q)
-        a, b, c = gamma, torch.zeros_like(gamma), delta
-    else:  # row part q ((alpha + gamma) - alpha q)
-        a, b, c = alpha + gamma, -alpha, torch.zeros_like(gamma)
-    coef = x.new_zeros(q, 5).index_put_((query_idx,), torch.stack([a, b, c, gamma, beta], 1))
-    return fused.row_grad(x, gt.ids, inst, coef)
+    return fused.row_grad(x, gt.ids, inst, x.new_zeros(q, 5).index_put_((query_idx,), coef))
 
 
 def matched_mask_losses(mask_logits: Tensor, query_idx: Tensor, gt_idx: Tensor,

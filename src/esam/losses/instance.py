@@ -84,6 +84,22 @@ def _split_layers(p: _LayerPairs, n: int, b: int, queries: list[int]) -> list[_L
             for s, bce, dice, sc, keep, box, ce, cw, qs in fields]
 
 
+def _matcher_args(layers: Sequence[LayerOutput], targets: Sequence[FrameTarget]) -> tuple:
+    """A matcher's arguments for one `LayerOutput` and `FrameTarget` per sample."""
+    return ([l.cls_logits for l in layers], [l.mask_logits for l in layers],
+            [t.labels for t in targets], [t.masks(l.mask_level) for l, t in zip(layers, targets)],
+            [t.query_masks for t in targets])
+
+
+def _candidates(targets: Sequence[FrameTarget], cache: dict) -> list[Tensor | None]:
+    """Each sample's `row_instances`, computed once per batch (``cache``); None where a target
+    has no query masks (the matcher reports it)."""
+    if "candidates" not in cache:
+        cache["candidates"] = [None if t.query_masks is None else row_instances(t.query_masks)
+                               for t in targets]
+    return cache["candidates"]
+
+
 def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
@@ -172,15 +188,10 @@ class InstanceCriterion(nn.Module):
         """The assignment and the matcher's mask sums, which the mask losses reuse: per sample
         `MaskSums`, or the batch's `RowStats` where the sparse matcher's batched path applies.
         ``cache`` keeps what the layers of one batch share (each query's candidate)."""
-        args = ([l.cls_logits for l in layers], [l.mask_logits for l in layers],
-                [t.labels for t in targets],
-                [t.masks(l.mask_level) for l, t in zip(layers, targets)],
-                [t.query_masks for t in targets])
+        args = _matcher_args(layers, targets)
         if isinstance(self.matcher, SparseMatcher):
-            cache = {} if cache is None else cache
-            if "candidates" not in cache and all(t.query_masks is not None for t in targets):
-                cache["candidates"] = [row_instances(t.query_masks) for t in targets]
-            batched = self.matcher.match_rows(*args, candidates=cache.get("candidates"))
+            batched = self.matcher.match_rows(
+                *args, candidates=_candidates(targets, {} if cache is None else cache))
             if batched is not None:
                 indices, stats, rows = batched
                 return indices, _RowMatch(stats, rows)
@@ -205,13 +216,8 @@ class InstanceCriterion(nn.Module):
                     or l.mask_logits.shape[1] != t.masks(l.mask_level).num_positions
                     or (use_box and (l.box_preds is None or t.boxes is None))):
                 return None
-        if "candidates" not in shared:
-            shared["candidates"] = [row_instances(t.query_masks) for t in targets]
-        matched = self.matcher.match_rows(
-            [l.cls_logits for l in flat], [l.mask_logits for l in flat],
-            [t.labels for t in flat_targets],
-            [t.masks(l.mask_level) for l, t in zip(flat, flat_targets)],
-            [t.query_masks for t in flat_targets], candidates=shared["candidates"] * n)
+        matched = self.matcher.match_rows(*_matcher_args(flat, flat_targets),
+                                          candidates=_candidates(targets, shared) * n)
         if matched is None:
             return None
         indices, stats, rows = matched

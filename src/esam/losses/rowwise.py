@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from esam.losses import functional as LF
 from esam.losses import fused
 from esam.structures import InstanceMasks
 
 __all__ = ["RowStats", "row_instances", "row_stats_torch", "rowwise_mask_losses"]
 
 NO_INSTANCE = fused.NO_INSTANCE
-_BLOCK = 1 << 18  # elements per column block of `row_stats_torch` on CPU (1 MB in float32)
 # `fused.row_stats` pays from here on (one compiled call per sample against ~15 torch ops over
 # temporaries of the logits' size); its gradient pass only from `fused.MIN_ELEMENTS`
 MIN_STATS_ELEMENTS = 1 << 15
@@ -36,15 +36,8 @@ MIN_STATS_ELEMENTS = 1 << 15
 def row_instances(query_masks: Tensor) -> Tensor | None:
     """``(Q,)`` the one instance each query may match (`NO_INSTANCE` where none), from
     ``query_masks (K, Q)``; None when some query may match several."""
-    qm = query_masks.bool()
-    k, q = qm.shape
-    if k == 0 or q == 0:
-        return torch.full((q,), NO_INSTANCE, dtype=torch.long, device=qm.device)
-    count = qm.sum(0)
-    if int(count.max()) > 1:
-        return None
-    first = qm.to(torch.uint8).argmax(0)  # the allowed instance, where there is one
-    return torch.where(count > 0, first, torch.full_like(first, NO_INSTANCE))
+    rows, inst = torch.nonzero(query_masks.bool().T).unbind(1)  # the allowed (query, instance)
+    return fused.row_instances(rows, inst, query_masks.shape[1])
 
 
 def row_stats_torch(x: Tensor, masks: InstanceMasks | Tensor, inst: Tensor) -> Tensor:
@@ -61,10 +54,10 @@ def row_stats_torch(x: Tensor, masks: InstanceMasks | Tensor, inst: Tensor) -> T
         k = int(max(masks.max(), inst.max())) + 1 if masks.numel() and inst.numel() else 0
         masks = InstanceMasks(ids=masks, num_instances=max(k, 0))
     r, p = x.shape
-    if x.device.type != "cpu" or r * p <= _BLOCK:
+    if x.device.type != "cpu" or r * p <= LF._SWEEP_BLOCK:
         totals = _block_totals(x)
     else:
-        step = max(256, _BLOCK // max(r, 1))
+        step = max(256, LF._SWEEP_BLOCK // max(r, 1))
         totals = _block_totals(x[:, :step])
         for start in range(step, p, step):
             totals += _block_totals(x[:, start:start + step])
@@ -114,11 +107,11 @@ class RowStats:
         self.num_queries = [t.shape[0] for t in self.x]
         self.num_instances = [len(m) for m in self.masks]
         parts = []
+        least = min(MIN_STATS_ELEMENTS, fused.MIN_ELEMENTS)
         for x, m, i in zip(self.x, self.masks, self.inst_per_sample):
             if x.shape[0] == 0 or not bool((i != NO_INSTANCE).any()):
                 parts.append(x.new_zeros(8, x.shape[0]))  # nothing to match in this sample
                 continue
-            least = min(MIN_STATS_ELEMENTS, fused.MIN_ELEMENTS)
             s = fused.row_stats(x, m.ids, i) if fused.applies(x, least) else None
             parts.append(s if s is not None else row_stats_torch(x, m, i))
         self.stats = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (8, R)
@@ -202,15 +195,8 @@ class _RowwiseMaskLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_bce, g_dice):
         rows, inter, q_term, sizes, positions = ctx.saved_tensors
-        den = q_term + sizes + 1
-        gamma = g_bce / positions.clamp(min=1)  # BCE: gamma q on the row, -gamma on members
-        beta = g_dice * 2 / den  # Dice: -beta q (1 - q) on members
-        if ctx.form == "seed":  # row part gamma q + delta q^2 (1 - q)
-            zero = torch.zeros_like(gamma)
-            coef = torch.stack([gamma, zero, g_dice * 4 * inter / den ** 2, gamma, beta], 1)
-        else:  # row part q ((alpha + gamma) - alpha q)
-            alpha = g_dice * (2 * inter + 1) / den ** 2
-            coef = torch.stack([alpha + gamma, -alpha, torch.zeros_like(gamma), gamma, beta], 1)
+        coef = LF._matched_grad_coef(g_bce, g_dice, inter, q_term, sizes, positions.clamp(min=1),
+                                     ctx.form)  # (M, 5)
         s = ctx.stats
         grads = []
         start = 0
@@ -263,8 +249,6 @@ def rowwise_mask_losses(stats: RowStats, rows: Tensor, form: str, with_iou: bool
     Returns:
         ``(bce (M,), dice (M,), iou (M,) or None)``.
     """
-    from esam.losses.functional import _dice_from_sums  # the shared Dice formula
-
     with torch.no_grad():
         s = stats.stats.index_select(1, rows)  # (8, M)
         sizes = stats.sizes.index_select(0, rows)
@@ -272,7 +256,7 @@ def rowwise_mask_losses(stats: RowStats, rows: Tensor, form: str, with_iou: bool
         bce = (s[0] - s[4]) / positions.clamp(min=1)
         inter = s[5]
         q_term = s[2] if form == "seed" else s[1]
-        dice = _dice_from_sums(inter, q_term, sizes, form)
+        dice = LF._dice_from_sums(inter, q_term, sizes, form)  # the shared Dice formula
         iou = s[6] / (s[3] + sizes - s[6] + 1e-6) if with_iou else None
         counts = torch.bincount(stats.sample.index_select(0, rows),
                                 minlength=len(stats.x)).tolist()

@@ -292,3 +292,14 @@ def test_batched_path_huge_logits_and_no_instances():
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     # the sample without instances still gets (zero) mask gradients
     assert grads[1 * 10 + 1] is not None
+
+
+def test_criterion_reports_bad_query_masks_by_sample():
+    """The all-layers path declines bad shapes, and the per-layer path names the sample."""
+    preds, targets = make_batch([(6, 3, 20), (5, 2, 15)], seed=9, c=1,
+                                levels=("superpoint", "point"))
+    targets = _seeded(targets, seed=10)
+    targets[1].query_masks = targets[1].query_masks[:, :3]  # Q=3 masks for 5 queries
+    crit = build_instance_criterion(esam_preset(num_semantic_classes=4, num_instance_classes=1))
+    with pytest.raises(ValueError, match=r"query_masks\[1\]: expected shape \(K=2, Q=5\)"):
+        crit(preds, targets)

@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import functools
 from functools import cached_property
+import itertools
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -104,6 +106,10 @@ class _Packed:
     Frames are laid out on the padded (B, V) grid, frame f = b * V + v, each padded to Q rows.
     A "slot" is ``f * K + k``. Entries (instance, member) are stored frame by frame, slot by
     slot, in the order of the given lists.
+
+    The index structure depends only on the lists' lengths, which the host knows without
+    reading a tensor, so it is built on the host (numpy) and each piece is handed to the device
+    once; ``host_*`` keep the host copies for the layouts built from them.
     """
 
     frames: list[list[Tensor]]  # the given (Q_f, d) merge features per sample, one dtype >= fp32
@@ -116,6 +122,9 @@ class _Packed:
     num_instances: Tensor  # (B,) K_b
     num_frames: list[int]  # V_b per sample
     shape: tuple[int, int, int]  # (B, V, K) padded sizes
+    host_slot: np.ndarray  # (E,) member_slot
+    host_entry: np.ndarray  # (F, K, M) table_entry
+    host_counts: np.ndarray  # (F, K) counts
 
     @property
     def present(self) -> Tensor:
@@ -140,10 +149,9 @@ def _check_index_lists(ins_masks: InsMasks) -> None:
                                      f"query indices, got {got}")
 
 
-def _long_tensor(values: list[int], device: torch.device) -> Tensor:
-    """A Python list of ints -> int64 tensor (through numpy: several times faster than
-    ``torch.tensor`` for the ~1000-long lists of a batch)."""
-    return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
+def _to_device(a: np.ndarray, device: torch.device) -> Tensor:
+    """A host index array -> tensor on ``device`` (no copy on the CPU)."""
+    return torch.from_numpy(a).to(device)
 
 
 def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
@@ -195,45 +203,46 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
             slots.append(range(fi * k_max, fi * k_max + inst_per_sample[b]))
             list_q.append((merge_feats[b][v].shape[0], inst_per_sample[b]))  # (Q_f, K_b)
     try:
-        lens = [t.numel() for t in lists]
+        lens = list(map(Tensor.numel, lists))
         # empty tensors are left out: they send torch.cat down a much slower path
-        local = torch.cat([t for t, n in zip(lists, lens) if n]) if any(lens) else None
+        local = torch.cat(list(itertools.compress(lists, lens))) if any(lens) else None
+        dtypes = set(map(operator.attrgetter("dtype"), lists))
     except (AttributeError, IndexError, TypeError, RuntimeError):
         _check_index_lists(ins_masks)
         raise
     if any(dt.is_floating_point or dt.is_complex or dt == torch.bool
-           for dt in {t.dtype for t in lists}) or (local is not None and local.dim() != 1):
+           for dt in dtypes) or (local is not None and local.dim() != 1):
         _check_index_lists(ins_masks)
     if local is None:
         local = torch.zeros(0, dtype=torch.long, device=device)
     local = local.to(device=device, dtype=torch.long)  # (E,) query of every entry in its frame
-    lens_t = _long_tensor(lens, device)  # (L,) one per list
+    lens_h = np.array(lens, dtype=np.int64)  # (L,) one per list
     uniform = all(k_b == k_max for k_b in inst_per_sample) and all(
         v_b == v_max for v_b in frames_per_sample)
-    slot_t = (torch.arange(len(lists), device=device) if uniform
-              else _long_tensor([s for r in slots for s in r], device))  # (L,)
-    member_slot = torch.repeat_interleave(slot_t, lens_t)  # (E,)
+    slot_h = (np.arange(len(lists), dtype=np.int64) if uniform
+              else np.array([s for r in slots for s in r], dtype=np.int64))  # (L,)
+    member_slot = np.repeat(slot_h, lens_h)  # (E,)
     if local.numel():
         if all(q == q_max for q, _ in list_q):
             lo, hi = torch.aminmax(local)
             bad = bool(lo < 0) or bool(hi >= q_max)
         else:
-            q_of_list = _long_tensor([q for q, k_b in list_q for _ in range(k_b)], device)
-            q_of_entry = torch.repeat_interleave(q_of_list, lens_t)  # (E,)
+            q_of_list = np.array([q for q, k_b in list_q for _ in range(k_b)], dtype=np.int64)
+            q_of_entry = _to_device(np.repeat(q_of_list, lens_h), device)  # (E,)
             bad = bool(((local < 0) | (local >= q_of_entry)).any())
         if bad:
             raise ValueError("ins_masks: expected query indices in [0, Q) of their frame; got an "
                              "index outside that range")
-    counts = torch.zeros(n_frames * k_max, dtype=torch.long, device=device)
-    counts[slot_t] = lens_t
+    counts = np.zeros(n_frames * k_max, dtype=np.int64)
+    counts[slot_h] = lens_h
     # table[s, i]: the entry start_s + min(i, count_s - 1)
     m = max(lens, default=0)
-    starts = torch.zeros_like(counts)
-    starts[slot_t] = torch.cumsum(lens_t, 0) - lens_t
-    steps = torch.arange(m, device=device)
-    entry = starts.view(-1, 1) + torch.minimum(steps.view(1, m),
-                                               (counts.view(-1, 1) - 1).clamp(min=0))  # (F*K, M)
-    entry = entry.clamp(0, max(local.numel() - 1, 0))  # (F*K, M); absent instances: any entry
+    starts = np.zeros_like(counts)
+    starts[slot_h] = np.cumsum(lens_h) - lens_h
+    entry = starts[:, None] + np.minimum(np.arange(m)[None, :],
+                                         np.maximum(counts - 1, 0)[:, None])  # (F*K, M)
+    np.clip(entry, 0, max(local.numel() - 1, 0), out=entry)  # absent instances: any entry
+    entry = entry.reshape(n_frames, k_max, m)
 
     # one dtype for every frame, fp32 at least (CPU autocast cannot cat fp16)
     dtype = functools.reduce(torch.promote_types, {upcast(f).dtype for sample in merge_feats
@@ -242,13 +251,16 @@ def _pack(merge_feats: MergeFeats, ins_masks: InsMasks) -> _Packed:
         frames=[[f.to(dtype) for f in sample] for sample in merge_feats],
         max_queries=q_max,
         dim=d,
-        member_slot=member_slot,
+        member_slot=_to_device(member_slot, device),
         member_query=local,
-        table_entry=entry.view(n_frames, k_max, m),
-        counts=counts.view(num_samples, v_max, k_max),
+        table_entry=_to_device(entry, device),
+        counts=_to_device(counts, device).view(num_samples, v_max, k_max),
         num_instances=torch.tensor(inst_per_sample, dtype=torch.long, device=device),
         num_frames=frames_per_sample,
         shape=(num_samples, v_max, k_max),
+        host_slot=member_slot,
+        host_entry=entry,
+        host_counts=counts.reshape(n_frames, k_max),
     )
 
 
@@ -315,33 +327,32 @@ class _MemberLayout:
 
 
 def _member_layout(p: _Packed) -> _MemberLayout:
+    """Built on the host from ``p``'s host index arrays (no device work but the transfers)."""
     b, v, k = p.shape
     nf = b * v
     device = p.counts.device
-    frame = torch.div(p.member_slot, max(k, 1), rounding_mode="floor")  # (E,)
-    per_frame = torch.bincount(frame, minlength=nf)  # (F,)
-    sizes = per_frame.tolist()
-    r = max(1, max(sizes, default=0))
-    in_frame = (torch.arange(frame.numel(), device=device)
-                - (torch.cumsum(per_frame, 0) - per_frame)[frame])  # (E,) row in its block
-    segment = torch.full((nf * r,), nf * k, dtype=torch.long, device=device)
-    segment[frame * r + in_frame] = p.member_slot
-    padding = (segment == nf * k).nonzero().squeeze(1)
-    table = (in_frame[p.table_entry] if in_frame.numel()
-             else torch.zeros_like(p.table_entry))  # (F, K, M)
+    slot = p.host_slot  # (E,)
+    frame = slot // max(k, 1)  # (E,)
+    per_frame = np.bincount(frame, minlength=nf)  # (F,)
+    r = max(1, int(per_frame.max(initial=0)))
+    in_frame = np.arange(slot.size) - (np.cumsum(per_frame) - per_frame)[frame]  # (E,) its row
+    segment = np.full(nf * r, nf * k, dtype=np.int64)
+    segment[frame * r + in_frame] = slot
+    padding = np.flatnonzero(segment == nf * k)
+    table = in_frame[p.host_entry] if slot.size else np.zeros_like(p.host_entry)  # (F, K, M)
     index = [idx if f % v < p.num_frames[f // v] else None
-             for f, idx in enumerate(p.member_query.split(sizes))]
-    # blocks of whole frames of about _CHUNK_ELEMENTS; the count of non-empty slots in each is
-    # for the CPU's tie test (elsewhere it is never read, and counting would sync)
+             for f, idx in enumerate(p.member_query.split(per_frame.tolist()))]
+    # blocks of whole frames of about _CHUNK_ELEMENTS, with the count of non-empty slots in each
+    # (for the tie test of the max's gradient)
     per_block = max(1, _CHUNK_ELEMENTS // max(r * p.dim, 1))
-    if device.type == "cpu" and nf > per_block:
-        filled = torch.cumsum((p.counts.view(nf, k) > 0).sum(1), 0).tolist()
-        blocks = [(f0, min(f0 + per_block, nf),
-                   filled[min(f0 + per_block, nf) - 1] - (filled[f0 - 1] if f0 else 0))
-                  for f0 in range(0, nf, per_block)]
-    else:
-        blocks = [(0, nf, int((p.counts > 0).sum()) if device.type == "cpu" else 0)]
-    return _MemberLayout(rows=r, index=index, segment=segment, padding=padding, table=table,
+    if device.type != "cpu":
+        per_block = max(nf, 1)  # the blocks only bound the CPU's temporaries
+    filled = np.cumsum((p.host_counts > 0).sum(1))  # (F,)
+    blocks = [(f0, min(f0 + per_block, nf),
+               int(filled[min(f0 + per_block, nf) - 1] - (filled[f0 - 1] if f0 else 0)))
+              for f0 in range(0, nf, per_block)] or [(0, 0, 0)]
+    return _MemberLayout(rows=r, index=index, segment=_to_device(segment, device),
+                         padding=_to_device(padding, device), table=_to_device(table, device),
                          blocks=blocks)
 
 
@@ -426,11 +437,13 @@ class _MemberCentres(torch.autograd.Function):
         rows, flat = x.view(-1, d), grad.view(-1, d)
         spread = share = None  # per slot, with a zero row for the padding's slot
         if g_mean is not None:
-            spread = g_mean.new_zeros(s + 1, d)
+            spread = g_mean.new_empty(s + 1, d)
             torch.mul(g_mean, inv, out=spread[:s])
+            spread[s].zero_()
         if g_top is not None:
-            share = g_top.new_zeros(s + 1, d)
+            share = g_top.new_empty(s + 1, d)
             share[:s] = g_top
+            share[s].zero_()
         if ((share is not None or spread is not None)
                 and _fused_member_grad(flat, rows, segment, top, share, spread,
                                        sum(n for *_, n in ctx.blocks))):
@@ -593,12 +606,37 @@ def _masked(logits: Tensor, hide: Tensor) -> Tensor:
     return logits + hide * torch.finfo(logits.dtype).min
 
 
-def _row_scores(centres: Tensor, feats: Tensor, tau: float) -> Tensor:
-    """``<feats_j, centre_r> / tau`` for every row and instance of a frame -> ``(F, R, K)``.
+class _RowScores(torch.autograd.Function):
+    """``feats (F, R, d)``, ``centres (F, K, d)`` -> ``feats @ centres.T * scale`` ``(F, R, K)``.
 
-    Rows first, so the gradient reaching ``feats`` comes out contiguous.
+    The scale rides in the products (``baddbmm``'s alpha), and both gradients come out
+    contiguous: as ``bmm`` of a transposed view, the centres' gradient would be a transposed
+    view that the following reshape copies.
     """
-    return torch.bmm(feats, centres.transpose(1, 2)) / tau
+
+    @staticmethod
+    def forward(ctx, centres: Tensor, feats: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(centres, feats)
+        ctx.scale = scale
+        return torch.baddbmm(feats.new_empty(()), feats, centres.transpose(1, 2), beta=0,
+                             alpha=scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        centres, feats = ctx.saved_tensors
+        g_c = g_x = None
+        none = g.new_empty(())
+        if ctx.needs_input_grad[0]:
+            g_c = torch.baddbmm(none, g.transpose(1, 2), feats, beta=0, alpha=ctx.scale)
+        if ctx.needs_input_grad[1]:
+            g_x = torch.baddbmm(none, g, centres, beta=0, alpha=ctx.scale)
+        return g_c, g_x, None
+
+
+def _row_scores(centres: Tensor, feats: Tensor, tau: float) -> Tensor:
+    """``<feats_j, centre_r> / tau`` for every row and instance of a frame -> ``(F, R, K)``."""
+    return _RowScores.apply(centres, feats, 1.0 / tau)
 
 
 def _rows_ce(logits: Tensor) -> Tensor:
@@ -746,7 +784,7 @@ def _pack_negatives(negatives: Sequence[Sequence[Tensor]], p: _Packed) -> Tensor
                              f"(V={p.num_frames[i]}), got {len(sample)}")
         k_b = int(p.num_instances[i])
         for t, neg in enumerate(sample):
-            need = int(p.counts[i, t].max()) if k else 0
+            need = int(p.host_counts[i * v + t].max()) if k else 0
             if neg.dim() != 3 or neg.shape[0] != k_b or neg.shape[2] != k_b or neg.shape[1] < need:
                 raise ValueError(f"negatives[{i}][{t}]: expected shape (K={k_b}, M>={need}, "
                                  f"K={k_b}), got {tuple(neg.shape)}")

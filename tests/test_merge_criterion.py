@@ -49,7 +49,7 @@ def make_inputs(frames=(3, 2), instances=(4, 3), queries=(10, 7), dim=8, dtype=t
 @pytest.fixture(params=["torch-ops", "member-kernel"])
 def member_path(request, monkeypatch):
     """Run a test on both backward paths of the member-pooled centres: torch ops, and the
-    fused `member_grad` kernel forced on at every size."""
+    fused `member_query_grad` kernel forced on at every size."""
     if request.param == "member-kernel":
         monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 0)
         monkeypatch.setattr(fused, "_enabled", True)
@@ -491,7 +491,7 @@ def test_member_layout_places_every_entry_and_counts_blocks(monkeypatch):
     p = merge_module._pack(feats, masks)
     lay = p.layout
     b, v, k = p.shape
-    x = merge_module._GatherMembers.apply(lay, *leaves(feats)).detach()  # (F, R, d)
+    x = merge_module._MemberPool.apply(lay, p.counts.view(-1), *leaves(feats))[2].detach()
     assert x.shape[1] == lay.rows
     filled = []
     for bi in range(b):
@@ -537,23 +537,29 @@ def test_blocked_member_backward_equals_one_block(monkeypatch, tmp):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_member_kernel_gradient_equals_torch_ops(monkeypatch, ties):
+@pytest.mark.parametrize("case", ["plain", "ties", "listed-twice"])
+def test_member_kernel_gradient_equals_torch_ops(monkeypatch, case):
     """The fused member gradient against the blocked torch ops, on a batch large enough to
-    take the kernel at its default threshold, with and without exact ties of the max."""
+    take the kernel at its default threshold. With exact ties of the max, or a query listed in
+    two instances of a frame, the kernel is tried (ties) or skipped and the torch ops take
+    over."""
     feats, masks = make_inputs(frames=(3, 2), instances=(6, 5), queries=(40, 30), dim=300,
                                dtype=torch.float64, seed=21, p_absent=0.1)
-    if ties:
+    if case == "ties":
         feats, masks = tie_first_two_queries(feats, masks)
+    if case == "listed-twice":  # the first member of instance 0 also joins instance 1
+        masks = [[[torch.cat([t, frame[0][:1]]) if k == 1 else t for k, t in enumerate(frame)]
+                  for frame in sample] for sample in masks]
+        assert any(len(frame[0]) for sample in masks for frame in sample)
     crit = ScanNetMergeCriterion_Fast()
     monkeypatch.setattr(fused, "_enabled", True)
     monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", float("inf"))
     want = grads(crit(feats, masks)["loss"], feats)
     monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 1 << 12)
     calls = []
-    real = fused.member_grad
-    monkeypatch.setattr(fused, "member_grad", lambda *a: calls.append(1) or real(*a))
+    real = fused.member_query_grad
+    monkeypatch.setattr(fused, "member_query_grad", lambda *a: calls.append(1) or real(*a))
     got = grads(crit(feats, masks)["loss"], feats)
-    assert calls, "the kernel was not used"
+    assert bool(calls) == (case != "listed-twice"), "the kernel was (not) tried"
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)

@@ -299,13 +299,11 @@ def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor, Tensor]:
     if not frames:
         zero = torch.zeros(b * v, k, p.dim, device=p.counts.device)
         return zero.view(b, v, k, p.dim), zero, zero.new_zeros(b * v, 1, p.dim)
-    layout = p.layout
-    x = _GatherMembers.apply(layout, *frames)  # (F, R, d)
-    mean, top, x = _MemberCentres.apply(x, layout.segment, p.counts.view(-1), layout.blocks)
+    mean, top, x = _MemberPool.apply(p.layout, p.counts.view(-1), *frames)
     return mean.view(b, v, k, p.dim), top.view(b * v, k, p.dim), x
 
 
-_CHUNK_ELEMENTS = 1 << 18  # rows x columns per block of `_MemberCentres.backward` (1 MB fp32)
+_CHUNK_ELEMENTS = 1 << 18  # rows x columns per block of `_MemberPool`'s torch-op backward
 
 
 @dataclass
@@ -324,6 +322,9 @@ class _MemberLayout:
     padding: Tensor  # (F * R - E,) the padding rows
     table: Tensor  # (F, K, M) row within block f of the i-th member of instance k
     blocks: list[tuple[int, int, int]]  # backward blocks: (first frame, stop, non-empty slots)
+    rows_of_entries: np.ndarray  # (E,) row f * R + i of every entry (host)
+    frame_of_entries: np.ndarray  # (E,) its frame f (host)
+    query_of_entries: Tensor  # (E,) its query in that frame
 
 
 def _member_layout(p: _Packed) -> _MemberLayout:
@@ -353,148 +354,160 @@ def _member_layout(p: _Packed) -> _MemberLayout:
               for f0 in range(0, nf, per_block)] or [(0, 0, 0)]
     return _MemberLayout(rows=r, index=index, segment=_to_device(segment, device),
                          padding=_to_device(padding, device), table=_to_device(table, device),
-                         blocks=blocks)
+                         blocks=blocks, rows_of_entries=frame * r + in_frame,
+                         frame_of_entries=frame, query_of_entries=p.member_query)
 
 
-class _GatherMembers(torch.autograd.Function):
-    """The member rows of every frame -> ``(F, R, d)`` (see :class:`_MemberLayout`), padding
-    rows zero, from the per-frame ``(Q_f, d)`` feature tensors (in grid order, missing frames
-    skipped). One ``index_select`` per frame straight into its block; the backward scatters each
-    block into a fresh ``(Q_f, d)`` gradient of its frame.
+class _MemberPool(torch.autograd.Function):
+    """Frames -> the mean and the element-wise max of each slot's member rows, and the rows.
+
+    ``frames`` the per-frame ``(Q_f, d)`` features (in grid order, missing frames skipped) ->
+    ``mean (S, d)``, ``top (S, d)`` (0 for an empty slot) and ``x (F, R, d)`` the member rows
+    (see :class:`_MemberLayout`, padding rows zero), S = F * K.
+
+    Forward: one ``index_select`` per frame straight into its block of ``x``, then a
+    scatter-add and a scatter-max over the rows' slots.
+
+    Backward, one node for the rows' three uses: where the fused kernel applies (CPU) and no
+    query is listed twice in a frame, `fused.member_query_grad` writes every frame's gradient
+    in one pass over the member rows, and the frames get slices of its output. Otherwise, torch
+    ops: the members' share of the centres' gradient is added into the rows' own gradient, in
+    blocks of whole frames (so the temporaries stay small enough to be reused rather than
+    page-faulted in on every call), and each block is scattered into a fresh ``(Q_f, d)``
+    gradient of its frame. On exact ties of the max the gradient is shared equally by the tied
+    entries (the released ``max(0)`` gives it to the first one; a query listed twice is the
+    same query either way).
     """
 
     @staticmethod
-    def forward(ctx, layout: _MemberLayout, *frames: Tensor) -> Tensor:
+    def forward(ctx, layout: _MemberLayout, counts: Tensor, *frames: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
         d, r = frames[0].shape[1], layout.rows
-        out = frames[0].new_empty(len(layout.index) * r, d)
+        rows = frames[0].new_empty(len(layout.index) * r, d)  # (F * R, d)
         it = iter(frames)
         for f, idx in enumerate(layout.index):
             if idx is not None:
-                torch.index_select(next(it), 0, idx, out=out.narrow(0, f * r, idx.numel()))
-        out.index_fill_(0, layout.padding, 0.0)
-        ctx.layout = layout
-        ctx.queries = [x.shape[0] for x in frames]
-        return out.view(-1, r, d)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        r, d = grad.shape[1], grad.shape[2]
-        flat = grad.reshape(-1, d)
-        index = [(f, idx) for f, idx in enumerate(ctx.layout.index) if idx is not None]
-        out: list[Tensor | None] = [None]
-        for i, ((f, idx), q) in enumerate(zip(index, ctx.queries)):
-            if not ctx.needs_input_grad[i + 1]:
-                out.append(None)
-                continue
-            out.append(flat.new_zeros(q, d).index_add_(0, idx, flat.narrow(0, f * r, idx.numel())))
-        return tuple(out)
-
-
-class _MemberCentres(torch.autograd.Function):
-    """Mean and element-wise max of the member rows of each slot, and the rows handed on.
-
-    ``x (F, R, d)`` the member rows, ``segment (F * R,)`` the slot of each row (``S``, a dummy,
-    for padding rows), ``counts (S,)`` members per slot -> ``mean (S, d)``, ``top (S, d)``
-    (0 for an empty slot) and ``x`` itself.
-
-    One node instead of a scatter-add, a division and a scatter-max: the backward adds the
-    members' gradient straight into the gradient of x's other use (the point-to-segment
-    scores' bmm), where autograd would zero-fill a second ``x``-sized buffer and sum the two.
-    It works in blocks of whole frames, so its temporaries stay small enough to be reused
-    rather than page-faulted in on every call. On exact ties of the max the gradient is
-    shared equally by the tied entries (the released ``max(0)`` gives it to the first one; a
-    query listed twice is the same query either way).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, segment: Tensor, counts: Tensor,
-                blocks: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-        s, d = counts.shape[0], x.shape[2]
-        rows = x.view(-1, d)
-        inv = 1.0 / counts.clamp(min=1).to(x.dtype).unsqueeze(1)  # (S, 1)
-        mean = x.new_zeros(s + 1, d).index_add_(0, segment, rows)[:s].mul_(inv)
-        top = x.new_zeros(s + 1, d).scatter_reduce_(
+                torch.index_select(next(it), 0, idx, out=rows.narrow(0, f * r, idx.numel()))
+        rows.index_fill_(0, layout.padding, 0.0)
+        s, segment = counts.shape[0], layout.segment
+        inv = 1.0 / counts.clamp(min=1).to(rows.dtype).unsqueeze(1)  # (S, 1)
+        mean = rows.new_zeros(s + 1, d).index_add_(0, segment, rows)[:s].mul_(inv)
+        top = rows.new_zeros(s + 1, d).scatter_reduce_(
             0, segment.view(-1, 1).expand_as(rows), rows, "amax", include_self=False)
         top[s] = float("nan")  # the padding's slot: its rows never hold the max
-        ctx.save_for_backward(x, segment, top, inv)
-        ctx.blocks = blocks
-        return mean, top[:s], x.view_as(x)
+        ctx.save_for_backward(rows, top, inv)
+        ctx.layout = layout
+        ctx.queries = [f.shape[0] for f in frames]
+        return mean, top[:s], rows.view(-1, r, d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_mean: Tensor | None, g_top: Tensor | None, g_x: Tensor | None
-                 ) -> tuple[Tensor, None, None, None]:
-        x, segment, top, inv = ctx.saved_tensors
-        r, d = x.shape[1], x.shape[2]
-        s = inv.shape[0]
-        if g_x is None:
-            grad = torch.zeros_like(x)
-        elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:
-            grad = g_x  # a fresh buffer of the engine's: added into in place
-        else:
-            grad = g_x.contiguous().clone()
-        rows, flat = x.view(-1, d), grad.view(-1, d)
-        spread = share = None  # per slot, with a zero row for the padding's slot
-        if g_mean is not None:
-            spread = g_mean.new_empty(s + 1, d)
-            torch.mul(g_mean, inv, out=spread[:s])
-            spread[s].zero_()
-        if g_top is not None:
-            share = g_top.new_empty(s + 1, d)
-            share[:s] = g_top
-            share[s].zero_()
-        if ((share is not None or spread is not None)
-                and _fused_member_grad(flat, rows, segment, top, share, spread,
-                                       sum(n for *_, n in ctx.blocks))):
-            return grad, None, None, None
-        for f0, f1, filled in ctx.blocks:
-            a, b = f0 * r, f1 * r
-            seg = segment[a:b]
-            gathered = None
-            if share is not None:
-                # 1.0 where a row holds its slot's max: a comparison written straight into the
-                # float buffer of the gathered maxima (a bool result is slow on CPU)
-                hit = top.index_select(0, seg)  # (c, d)
-                torch.eq(hit, rows[a:b], out=hit)
-                # every (non-empty slot, column) has one hit, more only on exact ties; the test
-                # is a host sync, so only the CPU (where it is free) skips the division when
-                # nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
-                exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
-                per_slot = share
-                if x.device.type != "cpu" or bool(
-                        (hit.sum() if exact else hit.sum(dtype=torch.float64)) > filled * d):
-                    ties = torch.zeros_like(top).index_add_(0, seg, hit)  # (S + 1, d)
-                    per_slot = share / ties.clamp(min=1)
-                gathered = per_slot.index_select(0, seg)  # (c, d)
-                flat[a:b].addcmul_(hit, gathered)
-            if spread is not None:
-                if gathered is None:
-                    gathered = spread.index_select(0, seg)
-                else:  # reuse the gather buffer
-                    torch.index_select(spread, 0, seg, out=gathered)
-                flat[a:b].add_(gathered)
-        return grad, None, None, None
+                 ) -> tuple[Tensor | None, ...]:
+        rows, top, inv = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        grads = None
+        if any(needs):
+            grads = _fused_frame_grads(ctx.layout, ctx.queries, rows, top, inv, g_mean, g_top,
+                                       g_x)
+            if grads is None:
+                flat = _member_rows_grad(ctx.layout, rows, top, inv, g_mean, g_top, g_x)
+                grads = _scatter_rows(ctx.layout, ctx.queries, flat)
+        return (None, None, *(g if need else None
+                              for g, need in zip(grads or [None] * len(needs), needs)))
 
 
-def _fused_member_grad(flat: Tensor, rows: Tensor, segment: Tensor, top: Tensor,
-                       share: Tensor | None, spread: Tensor | None, num_filled: int) -> bool:
-    """`_MemberCentres`' member gradient added into ``flat`` by `fused.member_grad`; False
-    (nothing written) when the kernel does not apply. ``share``/``spread``: ``(S + 1, d)`` or
-    None; ``num_filled``: the non-empty slots."""
-    if not fused.applies(flat, fused.MIN_MEMBER_ELEMENTS):
-        return False
-    zero = flat.new_zeros(top.shape) if share is None or spread is None else None
-    hits = fused.member_grad(flat, rows, segment, top, zero if share is None else share,
-                             zero if spread is None else spread)
-    if hits is None:
-        return False
-    if share is not None and int(hits) > num_filled * flat.shape[1]:
-        # exact ties (rare): the kernel gave each tied row the whole share
-        hit = torch.eq(top.index_select(0, segment), rows).to(flat.dtype)
-        ties = torch.zeros_like(top).index_add_(0, segment, hit)
-        flat.addcmul_(hit, (share / ties.clamp(min=1) - share).index_select(0, segment))
-    return True
+def _fused_frame_grads(layout: _MemberLayout, queries: list[int], rows: Tensor, top: Tensor,
+                       inv: Tensor, g_mean: Tensor | None, g_top: Tensor | None,
+                       g_x: Tensor | None) -> list[Tensor] | None:
+    """`_MemberPool`'s frame gradients by `fused.member_query_grad`, or None where the kernel
+    does not apply: not on the CPU, too small, a query listed twice in a frame, exact ties of
+    the max (the kernel would not share them out)."""
+    device, s, d = rows.device, inv.shape[0], rows.shape[1]
+    if not (fused.applies(rows, fused.MIN_MEMBER_ELEMENTS) and s and layout.rows_of_entries.size):
+        return None
+    start = np.cumsum(queries) - np.asarray(queries, dtype=np.int64)  # (frames,) first source
+    grid = np.flatnonzero([idx is not None for idx in layout.index])  # frame of each source
+    offset = np.zeros(len(layout.index), dtype=np.int64)
+    offset[grid] = start
+    member = layout.query_of_entries + _to_device(
+        offset[layout.frame_of_entries], device)  # (E,) source of every entry
+    row = _to_device(layout.rows_of_entries, device)  # (E,)
+    source_row = torch.full((int(sum(queries)),), -1, dtype=torch.long, device=device)
+    source_row[member] = row
+    if not torch.equal(source_row[member], row):
+        return None  # a query listed twice in a frame: its rows' gradients add up
+    zero = None
+    if g_mean is None or g_top is None:
+        zero = rows.new_zeros(s, d)
+    out = fused.member_query_grad(
+        source_row, rows, torch.zeros_like(rows) if g_x is None else g_x.reshape(-1, d),
+        layout.segment, top[:s], zero if g_top is None else g_top,
+        zero if g_mean is None else g_mean, inv)
+    if out is None:
+        return None
+    grad, hits = out
+    if g_top is not None and int(hits) > sum(n for *_, n in layout.blocks) * d:
+        return None  # exact ties of the max
+    return [grad.narrow(0, a, q) for a, q in zip(start.tolist(), queries)]
+
+
+def _member_rows_grad(layout: _MemberLayout, rows: Tensor, top: Tensor, inv: Tensor,
+                      g_mean: Tensor | None, g_top: Tensor | None, g_x: Tensor | None
+                      ) -> Tensor:
+    """The member rows' gradient ``(F * R, d)``, torch ops: their own gradient plus their share
+    of the centres' gradient (mean: equal parts; max: the rows that hold it, ties equal)."""
+    segment, r, d, s = layout.segment, layout.rows, rows.shape[1], inv.shape[0]
+    if g_x is None:
+        flat = torch.zeros_like(rows)
+    elif g_x._base is None and g_x.is_contiguous() and not g_x.requires_grad:
+        flat = g_x.view(-1, d)  # a fresh buffer of the engine's: added into in place
+    else:
+        flat = g_x.reshape(-1, d).clone()
+    spread = share = None  # per slot, with a zero row for the padding's slot
+    if g_mean is not None:
+        spread = g_mean.new_empty(s + 1, d)
+        torch.mul(g_mean, inv, out=spread[:s])
+        spread[s].zero_()
+    if g_top is not None:
+        share = g_top.new_empty(s + 1, d)
+        share[:s] = g_top
+        share[s].zero_()
+    for f0, f1, filled in layout.blocks:
+        a, b = f0 * r, f1 * r
+        seg = segment[a:b]
+        gathered = None
+        if share is not None:
+            # 1.0 where a row holds its slot's max: a comparison written straight into the
+            # float buffer of the gathered maxima (a bool result is slow on CPU)
+            hit = top.index_select(0, seg)  # (c, d)
+            torch.eq(hit, rows[a:b], out=hit)
+            # every (non-empty slot, column) has one hit, more only on exact ties; the test
+            # is a host sync, so only the CPU (where it is free) skips the division when
+            # nothing ties. A float32 sum of 0/1 values is exact below 2**24 elements.
+            exact = hit.numel() < 2 ** 24 or hit.dtype == torch.float64
+            per_slot = share
+            if rows.device.type != "cpu" or bool(
+                    (hit.sum() if exact else hit.sum(dtype=torch.float64)) > filled * d):
+                ties = torch.zeros_like(top).index_add_(0, seg, hit)  # (S + 1, d)
+                per_slot = share / ties.clamp(min=1)
+            gathered = per_slot.index_select(0, seg)  # (c, d)
+            flat[a:b].addcmul_(hit, gathered)
+        if spread is not None:
+            if gathered is None:
+                gathered = spread.index_select(0, seg)
+            else:  # reuse the gather buffer
+                torch.index_select(spread, 0, seg, out=gathered)
+            flat[a:b].add_(gathered)
+    return flat
+
+
+def _scatter_rows(layout: _MemberLayout, queries: list[int], flat: Tensor) -> list[Tensor]:
+    """Member rows' gradient ``(F * R, d)`` -> each frame's ``(Q_f, d)`` gradient."""
+    r, d = layout.rows, flat.shape[1]
+    index = [(f, idx) for f, idx in enumerate(layout.index) if idx is not None]
+    return [flat.new_zeros(q, d).index_add_(0, idx, flat.narrow(0, f * r, idx.numel()))
+            for (f, idx), q in zip(index, queries)]
 
 
 # --------------------------------------------------------------------------------------------

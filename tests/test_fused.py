@@ -117,40 +117,33 @@ def test_no_positions_give_zero_sums_and_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_member_query_grad_equals_the_loop(dtype, monkeypatch):
+def test_member_grad_equals_the_loop(dtype, monkeypatch):
     monkeypatch.setattr(fused, "_enabled", True)
     g = torch.Generator().manual_seed(5)
-    j, d, s, p = 23, 7, 5, 31
-    segment = torch.randint(0, s, (j,), generator=g)
-    x = torch.randint(-2, 3, (j, d), generator=g).to(dtype)  # small integers: many hits, ties
+    p, d, s = 23, 7, 5
+    segment = torch.randint(0, s, (p,), generator=g)
+    x = torch.randint(-2, 3, (p, d), generator=g).to(dtype)  # small integers: many ties
     top = torch.full((s, d), -10.0, dtype=dtype).scatter_reduce(
-        0, segment.view(-1, 1).expand(j, d), x, "amax")
-    g_x = torch.randn(j, d, generator=g, dtype=dtype)
-    g_top = torch.randn(s, d, generator=g, dtype=dtype)
-    g_mean = torch.randn(s, d, generator=g, dtype=dtype)
-    scale = torch.rand(s, 1, generator=g, dtype=dtype)
-    inv = torch.full((p,), -1)
-    inv[torch.randperm(p, generator=g)[:j]] = torch.randperm(j, generator=g)  # some sources unused
-    want = torch.zeros(p, d, dtype=dtype)
+        0, segment.view(-1, 1).expand(p, d), x, "amax")
+    top[4] = float("nan")  # a segment whose rows never hit
+    share = torch.randn(s, d, generator=g, dtype=dtype)
+    spread = torch.randn(s, d, generator=g, dtype=dtype)
+    out = torch.randn(p, d, generator=g, dtype=dtype)
+    want = out.clone()
     hits = 0
-    for q in range(p):
-        row = int(inv[q])
-        if row < 0:
-            continue
-        k = int(segment[row])
+    for j in range(p):
         for c in range(d):
-            hit = bool(x[row, c] == top[k, c])
+            k = int(segment[j])
+            hit = bool(x[j, c] == top[k, c])
             hits += hit
-            want[q, c] = g_x[row, c] + g_mean[k, c] * scale[k, 0] + (g_top[k, c] if hit else 0.0)
-    out, n = fused.member_query_grad(inv, x, g_x, segment, top, g_top, g_mean, scale)
+            want[j, c] += spread[k, c] + (share[k, c] if hit else 0.0)
+    n = fused.member_grad(out, x, segment, top, share, spread)
     assert int(n) == hits
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="segment"):
-        fused.member_query_grad(inv, x, g_x, segment[:-1], top, g_top, g_mean, scale)
-    with pytest.raises(ValueError, match="g_top"):
-        fused.member_query_grad(inv, x, g_x, segment, top, g_top[:, :-1], g_mean, scale)
-    with pytest.raises(ValueError, match="scale"):
-        fused.member_query_grad(inv, x, g_x, segment, top, g_top, g_mean, scale[:-1])
+        fused.member_grad(out, x, segment[:-1], top, share, spread)
+    with pytest.raises(ValueError, match="share"):
+        fused.member_grad(out, x, segment, top, share[:, :-1], spread)
 
 
 def test_row_stats_shape_errors():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.released_merge_reference import ReferenceMergeFast, ReferenceMergeSeal
 from esam.losses import fused
+import esam.losses.merge as merge_module
 from esam.losses.merge import (
     MergeCECriterion,
     ScanNetMergeCriterion_Fast,
@@ -49,7 +50,7 @@ def make_inputs(frames=(3, 2), instances=(4, 3), queries=(10, 7), dim=8, dtype=t
 @pytest.fixture(params=["torch-ops", "member-kernel"])
 def member_path(request, monkeypatch):
     """Run a test on both backward paths of the member-pooled centres: torch ops, and the
-    fused `member_query_grad` kernel forced on at every size."""
+    fused `member_grad` kernel forced on at every size."""
     if request.param == "member-kernel":
         monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 0)
         monkeypatch.setattr(fused, "_enabled", True)
@@ -309,10 +310,17 @@ def test_huge_features_stay_finite(member_path):
             assert torch.isfinite(g).all()
 
 
-def test_int32_and_duplicate_indices_match_reference(member_path):
+@pytest.mark.parametrize("where", ["same list", "next list"])
+def test_int32_and_duplicate_indices_match_reference(member_path, where):
+    """A query listed twice in a frame (the entry layout), in its own list or the next one."""
     feats, masks = make_inputs(seed=9)
-    masks = [[[torch.cat([t, t[:1]]).int() for t in frame] for frame in sample]
-             for sample in masks]
+    if where == "same list":
+        masks = [[[torch.cat([t, t[:1]]).int() for t in frame] for frame in sample]
+                 for sample in masks]
+    else:
+        masks = [[[torch.cat([t, frame[j - 1][:1]]).int() if j else t.int()
+                   for j, t in enumerate(frame)] for frame in sample] for sample in masks]
+    assert not merge_module._pack(feats, masks).layout.stacked
     ref = ReferenceMergeFast()(feats, masks)
     ours = ScanNetMergeCriterion_Fast()(feats, masks)
     assert_close(ours["loss"], ref["merge_loss_tmp"] + ref["merge_loss_p2s"], 1e-10)
@@ -482,39 +490,55 @@ def test_align_global_ids_hand_case():
         align_global_ids(pred, gt, torch.tensor([3]))
 
 
-def test_member_layout_places_every_entry_and_counts_blocks(monkeypatch):
+@pytest.mark.parametrize("layout", ["stacked", "entries"])
+def test_member_layout_places_every_entry_and_counts_blocks(monkeypatch, layout):
+    """Stacked: each frame's block is the frame (row = query). Entries (a query listed in two
+    instances of a frame): each block holds the frame's entries in order."""
     import esam.losses.merge as merge_module
     # a short sample before a long one: missing grid frames between present ones
     feats, masks = make_inputs(frames=(1, 3, 2), instances=(5, 2, 4), queries=(12, 9, 7),
                                seed=4, p_absent=0.2)
+    if layout == "entries":  # the first query of some list also joins the next one
+        masks = [[[torch.cat([t, frame[j - 1][:1]]) if j else t for j, t in enumerate(frame)]
+                  for frame in sample] for sample in masks]
     monkeypatch.setattr(merge_module, "_CHUNK_ELEMENTS", 1)  # one frame per block
     p = merge_module._pack(feats, masks)
     lay = p.layout
     b, v, k = p.shape
+    assert lay.stacked == (layout == "stacked")
     x = merge_module._MemberPool.apply(lay, p.counts.view(-1), *leaves(feats))[2].detach()
-    assert x.shape[1] == lay.rows
+    assert x.shape[1] == lay.rows == (max(f.shape[0] for f in leaves(feats))
+                                      if layout == "stacked" else lay.rows)
     filled = []
     for bi in range(b):
         for t in range(v):
             f = bi * v + t
+            seg = lay.segment[f * lay.rows:(f + 1) * lay.rows]
             if t >= len(masks[bi]):
-                assert lay.index[f] is None and (x[f] == 0).all()
-                assert (lay.segment[f * lay.rows:(f + 1) * lay.rows] == b * v * k).all()
+                assert not lay.present[f] and (x[f] == 0).all() and (seg == b * v * k).all()
                 filled.append(0)
                 continue
-            lists = masks[bi][t]
-            rows = torch.cat([idx for idx in lists]) if lists else torch.zeros(0, dtype=torch.long)
-            n = rows.numel()
-            assert torch.equal(x[f, :n], feats[bi][t].detach()[rows])
-            assert (x[f, n:] == 0).all()  # padding
-            seg = lay.segment[f * lay.rows:(f + 1) * lay.rows]
-            slots = torch.cat([torch.full((len(idx),), f * k + j) for j, idx in enumerate(lists)])
-            assert torch.equal(seg[:n], slots) and (seg[n:] == b * v * k).all()
+            lists, frame = masks[bi][t], feats[bi][t].detach()
+            if layout == "stacked":
+                assert torch.equal(x[f, :frame.shape[0]], frame)
+                assert (x[f, frame.shape[0]:] == 0).all()  # padding
+                want = torch.full((lay.rows,), b * v * k)
+                for j, idx in enumerate(lists):
+                    want[idx] = f * k + j
+                assert torch.equal(seg, want)
+            else:
+                rows = torch.cat(list(lists)) if lists else torch.zeros(0, dtype=torch.long)
+                n = rows.numel()
+                assert torch.equal(x[f, :n], frame[rows])
+                assert (x[f, n:] == 0).all()  # padding
+                slots = torch.cat([torch.full((len(idx),), f * k + j)
+                                   for j, idx in enumerate(lists)])
+                assert torch.equal(seg[:n], slots) and (seg[n:] == b * v * k).all()
             for j, idx in enumerate(lists):  # the table walks each list, its last entry repeated
                 for i in range(lay.table.shape[-1]):
                     if len(idx):
-                        want = feats[bi][t].detach()[idx[min(i, len(idx) - 1)]]
-                        assert torch.equal(x[f, lay.table[f, j, i]], want)
+                        assert torch.equal(x[f, lay.table[f, j, i]],
+                                           frame[idx[min(i, len(idx) - 1)]])
             filled.append(sum(len(idx) > 0 for idx in lists))
     assert lay.blocks == [(f, f + 1, filled[f]) for f in range(b * v)]
 
@@ -541,8 +565,7 @@ def test_blocked_member_backward_equals_one_block(monkeypatch, tmp):
 def test_member_kernel_gradient_equals_torch_ops(monkeypatch, case):
     """The fused member gradient against the blocked torch ops, on a batch large enough to
     take the kernel at its default threshold. With exact ties of the max, or a query listed in
-    two instances of a frame, the kernel is tried (ties) or skipped and the torch ops take
-    over."""
+    two instances of a frame (the entry layout), the kernel runs too."""
     feats, masks = make_inputs(frames=(3, 2), instances=(6, 5), queries=(40, 30), dim=300,
                                dtype=torch.float64, seed=21, p_absent=0.1)
     if case == "ties":
@@ -557,9 +580,9 @@ def test_member_kernel_gradient_equals_torch_ops(monkeypatch, case):
     want = grads(crit(feats, masks)["loss"], feats)
     monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 1 << 12)
     calls = []
-    real = fused.member_query_grad
-    monkeypatch.setattr(fused, "member_query_grad", lambda *a: calls.append(1) or real(*a))
+    real = fused.member_grad
+    monkeypatch.setattr(fused, "member_grad", lambda *a: calls.append(1) or real(*a))
     got = grads(crit(feats, masks)["loss"], feats)
-    assert bool(calls) == (case != "listed-twice"), "the kernel was (not) tried"
+    assert calls, "the kernel was not used"
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)

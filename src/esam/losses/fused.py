@@ -1,5 +1,5 @@
 """Fused kernels for the point-level mask terms of one-pair-per-row layers, and for the
-gradient of the merge criteria's member-pooled centres (`member_query_grad`).
+gradient of the merge criteria's member-pooled centres (`member_grad`).
 
 ESAM's sparse matcher lets each query compete for one GT instance only (the instance of its seed
 superpoint), so on a ``(Q, N)`` point-level layer every sum the mask costs and losses need is a
@@ -42,11 +42,11 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
-           "is_enabled", "lazy_zeros", "member_query_grad", "one_pair_per_row", "row_grad", "row_grad_at",
+           "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "row_grad", "row_grad_at",
            "row_instances", "row_stats", "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
-MIN_MEMBER_ELEMENTS = 1 << 16  # the same for `member_query_grad`'s (rows x features)
+MIN_MEMBER_ELEMENTS = 1 << 16  # the same for `member_grad`'s (rows x features)
 NO_INSTANCE = -2  # instance index of a row without a pair (position ids are >= -1)
 
 _enabled = os.environ.get("ESAM_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -68,7 +68,7 @@ def is_enabled() -> bool:
 
 
 def applies(x: Tensor, min_elements: int | None = None) -> bool:
-    """Whether the fused kernels run on ``x`` (2-D; logits, or `member_query_grad`'s rows with
+    """Whether the fused kernels run on ``x`` (2-D; logits, or `member_grad`'s rows with
     ``min_elements=MIN_MEMBER_ELEMENTS``; default `MIN_ELEMENTS`)."""
     least = MIN_ELEMENTS if min_elements is None else min_elements
     return (is_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
@@ -330,52 +330,41 @@ def row_grad_at(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tensor
     return None if done is None else out
 
 
-def _member_query_grad(inv: Tensor, x: Tensor, g_x: Tensor, segment: Tensor, top: Tensor,
-                       g_top: Tensor, g_mean: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    member = inv >= 0
-    row = torch.where(member, inv, 0)
-    s = segment[row]  # (P,)
-    hit = top[s] == x[row]  # (P, d)
-    g = g_x[row] + g_mean[s] * scale[s] + hit.to(x.dtype) * g_top[s]
-    return torch.where(member.unsqueeze(1), g, 0.0), (hit & member.unsqueeze(1)).sum()
+def _member_grad(out: Tensor, x: Tensor, segment: Tensor, top: Tensor, share: Tensor,
+                 spread: Tensor) -> Tensor:
+    hit = top.index_select(0, segment) == x  # (P, d)
+    out.add_(spread.index_select(0, segment) + hit.to(x.dtype) * share.index_select(0, segment))
+    return hit.sum()
 
 
-def member_query_grad(inv: Tensor, x: Tensor, g_x: Tensor, segment: Tensor, top: Tensor,
-                      g_top: Tensor, g_mean: Tensor, scale: Tensor
-                      ) -> tuple[Tensor, Tensor] | None:
-    """The gradient of gathered rows and of their per-segment means and element-wise maxima,
-    scattered back to the rows' sources in one pass.
+def member_grad(out: Tensor, x: Tensor, segment: Tensor, top: Tensor, share: Tensor,
+                spread: Tensor) -> Tensor | None:
+    """Add the gradient of per-segment means and element-wise maxima to ``out``, in place.
 
-    Source p (a query) whose features were gathered into row ``j = inv[p]`` gets
-    ``g_x[j] + g_mean[s] * scale[s] + [x[j] == top[s]] * g_top[s]`` (element-wise) with
-    ``s = segment[j]``; a source with ``inv[p] < 0`` (gathered nowhere) gets 0. Each source may
-    be gathered into one row at most (the caller checks). The torch-op form writes the rows'
-    gradient, reads it back and scatters it into zero-filled sources: three passes over
-    buffers of the rows' size.
+    Row j of ``out`` gets ``spread[s] + [x[j] == top[s]] * share[s]`` (element-wise) with
+    ``s = segment[j]``: the mean's gradient already divided by the segment's size, and the
+    max's gradient wherever row j holds the maximum. One pass over the rows with no
+    temporaries of their size (the torch-op form takes five).
 
     Args:
-        inv: ``(P,)`` int64, the row each source was gathered into, or -1.
-        x, g_x: ``(J, d)`` the rows and their gradient.
-        segment: ``(J,)`` segment of each row, in ``[0, S)`` for the rows ``inv`` names.
-        top: ``(S, d)`` each segment's maximum.
-        g_top, g_mean: ``(S, d)`` the gradient of the maxima and of the means.
-        scale: ``(S, 1)`` one over each segment's size (the mean's divisor).
+        out: ``(P, d)`` gradient of the rows, updated in place.
+        x: ``(P, d)`` the rows.
+        segment: ``(P,)`` segment of each row, in ``[0, S)``.
+        top: ``(S, d)`` each segment's maximum (NaN never matches: a row that must not
+            receive the max's gradient can point at a NaN row).
+        share, spread: ``(S, d)`` the max's and the mean's gradient per segment.
 
     Returns:
-        ``(P, d)`` the sources' gradient, and the number of (source, feature) hits of the
-        maximum, a 0-d int64 tensor (more than one per non-empty (segment, feature) means exact
-        ties, which this form does not share out); None when the kernel could not be compiled.
+        The number of (row, feature) hits of the maximum, a 0-d int64 tensor (more than one per
+        non-empty (segment, feature) means exact ties), or None when the kernel could not be
+        compiled.
     """
-    if x.dim() != 2 or g_x.shape != x.shape:
-        raise ValueError(f"x, g_x: expected equal (J, d) shapes, got {tuple(x.shape)} and "
-                         f"{tuple(g_x.shape)}")
-    if inv.dim() != 1 or segment.shape != (x.shape[0],):
-        raise ValueError(f"inv, segment: expected shapes (P,) and (J={x.shape[0]},), got "
-                         f"{tuple(inv.shape)} and {tuple(segment.shape)}")
-    for name, t in (("top", top), ("g_top", g_top), ("g_mean", g_mean)):
+    if x.dim() != 2 or out.shape != x.shape:
+        raise ValueError(f"out, x: expected equal (P, d) shapes, got {tuple(out.shape)} and "
+                         f"{tuple(x.shape)}")
+    if segment.shape != (x.shape[0],):
+        raise ValueError(f"segment: expected shape (P={x.shape[0]},), got {tuple(segment.shape)}")
+    for name, t in (("top", top), ("share", share), ("spread", spread)):
         if t.dim() != 2 or t.shape[1] != x.shape[1]:
             raise ValueError(f"{name}: expected shape (S, d={x.shape[1]}), got {tuple(t.shape)}")
-    if scale.shape != (top.shape[0], 1):
-        raise ValueError(f"scale: expected shape (S={top.shape[0]}, 1), got {tuple(scale.shape)}")
-    return _run("member_query_grad", _member_query_grad, inv, x, g_x, segment, top, g_top,
-                g_mean, scale)
+    return _run("member_grad", _member_grad, out, x, segment, top, share, spread)

@@ -308,93 +308,137 @@ _CHUNK_ELEMENTS = 1 << 18  # rows x columns per block of `_MemberPool`'s torch-o
 
 @dataclass
 class _MemberLayout:
-    """The member entries of every frame on a padded grid ``(F, R, d)``.
+    """The rows the merge terms score and pool: every frame's block of R rows, ``(F, R, d)``.
 
-    Frame f (of the padded (B, V) grid) holds its n_f entries, in entry order, in rows
-    ``0 .. n_f - 1`` of block f; the other rows are padding. Only members are ever scored or
-    pooled, so working on them (a fraction of the queries: 2/3 in the benchmark's batches)
-    instead of a ``(F, Q, d)`` stack of the frames saves both that copy and its gradient.
+    Stacked (``stacked=True``, when no query is listed twice in a frame): block f is frame f
+    itself, row q its query q (R = Q, shorter and missing frames padded with zero rows). The
+    gather is one ``cat`` of the frames and the frames' gradients are slices of the rows'.
+
+    Otherwise block f holds the frame's n_f entries, in entry order, in rows ``0 .. n_f - 1``
+    (R = max_f n_f); the gather is one ``index_select`` per frame and the backward scatters
+    each block into its frame's gradient.
+
+    Rows that belong to no instance (non-members, padding) have the dummy slot ``F * K``.
     """
 
-    rows: int  # R = max(1, max_f n_f)
-    index: list[Tensor | None]  # per frame: (n_f,) the queries of its entries; None: no frame
-    segment: Tensor  # (F * R,) slot f * K + k of each row; F * K (a dummy slot) for padding
-    padding: Tensor  # (F * R - E,) the padding rows
+    stacked: bool
+    rows: int  # R
+    segment: Tensor  # (F * R,) slot f * K + k of each row; F * K (a dummy slot) for the others
     table: Tensor  # (F, K, M) row within block f of the i-th member of instance k
     blocks: list[tuple[int, int, int]]  # backward blocks: (first frame, stop, non-empty slots)
-    rows_of_entries: np.ndarray  # (E,) row f * R + i of every entry (host)
-    frame_of_entries: np.ndarray  # (E,) its frame f (host)
-    query_of_entries: Tensor  # (E,) its query in that frame
+    present: list[bool]  # per grid frame: a frame of its sample (not grid padding)
+    index: list[Tensor] | None = None  # entry layout: per frame, the queries of its entries
+    padding: Tensor | None = None  # entry layout: the rows holding no entry
+
+    def gather(self, frames: Sequence[Tensor]) -> Tensor:
+        """The per-frame ``(Q_f, d)`` features (grid order, missing frames skipped) ->
+        ``(F * R, d)`` rows."""
+        d, r = frames[0].shape[1], self.rows
+        it = iter(frames)
+        if self.stacked:
+            pieces = []
+            for here in self.present:
+                f = next(it) if here else frames[0].new_zeros(0, d)
+                pieces.append(f)
+                if f.shape[0] < r:
+                    pieces.append(f.new_zeros(r - f.shape[0], d))
+            return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        rows = frames[0].new_empty(len(self.index) * r, d)
+        for f, (here, idx) in enumerate(zip(self.present, self.index)):
+            if here:
+                torch.index_select(next(it), 0, idx, out=rows.narrow(0, f * r, idx.numel()))
+        return rows.index_fill_(0, self.padding, 0.0)
+
+    def scatter(self, flat: Tensor, queries: list[int]) -> list[Tensor]:
+        """Rows' gradient ``(F * R, d)`` -> each frame's ``(Q_f, d)`` gradient."""
+        r, d = self.rows, flat.shape[1]
+        grid = [f for f, here in enumerate(self.present) if here]
+        if self.stacked:
+            return [flat.narrow(0, f * r, q) for f, q in zip(grid, queries)]
+        return [flat.new_zeros(q, d).index_add_(0, self.index[f],
+                                                flat.narrow(0, f * r, self.index[f].numel()))
+                for f, q in zip(grid, queries)]
+
+
+def _blocks(p: _Packed, r: int) -> list[tuple[int, int, int]]:
+    """Blocks of whole frames of about _CHUNK_ELEMENTS rows x features, each with its count of
+    non-empty slots (for the tie test of the max's gradient)."""
+    nf = p.shape[0] * p.shape[1]
+    per_block = max(1, _CHUNK_ELEMENTS // max(r * p.dim, 1))
+    if p.counts.device.type != "cpu":
+        per_block = max(nf, 1)  # the blocks only bound the CPU's temporaries
+    filled = np.cumsum((p.host_counts > 0).sum(1))  # (F,)
+    return [(f0, min(f0 + per_block, nf),
+             int(filled[min(f0 + per_block, nf) - 1] - (filled[f0 - 1] if f0 else 0)))
+            for f0 in range(0, nf, per_block)] or [(0, 0, 0)]
 
 
 def _member_layout(p: _Packed) -> _MemberLayout:
-    """Built on the host from ``p``'s host index arrays (no device work but the transfers)."""
+    """The stacked layout where no query is listed twice in a frame, else the entry layout.
+
+    The entry layout is built on the host from ``p``'s host index arrays; the stacked one
+    places the entries by their (device) query indices, and its test for repeats is the one
+    host sync.
+    """
     b, v, k = p.shape
     nf = b * v
     device = p.counts.device
     slot = p.host_slot  # (E,)
     frame = slot // max(k, 1)  # (E,)
+    present = [f % v < p.num_frames[f // v] for f in range(nf)]
+    q = max(p.max_queries, 1)
+    if slot.size:
+        row = _to_device(frame * q, device) + p.member_query  # (E,) its row, stacked
+        owner = torch.full((nf * q,), -1, dtype=torch.long, device=device)
+        entries = torch.arange(slot.size, device=device)
+        owner[row] = entries
+        if torch.equal(owner[row], entries):  # no row claimed twice
+            segment = torch.full((nf * q,), nf * k, dtype=torch.long, device=device)
+            segment[row] = p.member_slot
+            return _MemberLayout(stacked=True, rows=q, segment=segment,
+                                 table=p.member_query[p.table_entry], blocks=_blocks(p, q),
+                                 present=present)
     per_frame = np.bincount(frame, minlength=nf)  # (F,)
     r = max(1, int(per_frame.max(initial=0)))
     in_frame = np.arange(slot.size) - (np.cumsum(per_frame) - per_frame)[frame]  # (E,) its row
     segment = np.full(nf * r, nf * k, dtype=np.int64)
     segment[frame * r + in_frame] = slot
-    padding = np.flatnonzero(segment == nf * k)
     table = in_frame[p.host_entry] if slot.size else np.zeros_like(p.host_entry)  # (F, K, M)
-    index = [idx if f % v < p.num_frames[f // v] else None
-             for f, idx in enumerate(p.member_query.split(per_frame.tolist()))]
-    # blocks of whole frames of about _CHUNK_ELEMENTS, with the count of non-empty slots in each
-    # (for the tie test of the max's gradient)
-    per_block = max(1, _CHUNK_ELEMENTS // max(r * p.dim, 1))
-    if device.type != "cpu":
-        per_block = max(nf, 1)  # the blocks only bound the CPU's temporaries
-    filled = np.cumsum((p.host_counts > 0).sum(1))  # (F,)
-    blocks = [(f0, min(f0 + per_block, nf),
-               int(filled[min(f0 + per_block, nf) - 1] - (filled[f0 - 1] if f0 else 0)))
-              for f0 in range(0, nf, per_block)] or [(0, 0, 0)]
-    return _MemberLayout(rows=r, index=index, segment=_to_device(segment, device),
-                         padding=_to_device(padding, device), table=_to_device(table, device),
-                         blocks=blocks, rows_of_entries=frame * r + in_frame,
-                         frame_of_entries=frame, query_of_entries=p.member_query)
+    return _MemberLayout(stacked=False, rows=r, segment=_to_device(segment, device),
+                         table=_to_device(table, device), blocks=_blocks(p, r), present=present,
+                         index=list(p.member_query.split(per_frame.tolist())),
+                         padding=_to_device(np.flatnonzero(segment == nf * k), device))
 
 
 class _MemberPool(torch.autograd.Function):
     """Frames -> the mean and the element-wise max of each slot's member rows, and the rows.
 
     ``frames`` the per-frame ``(Q_f, d)`` features (in grid order, missing frames skipped) ->
-    ``mean (S, d)``, ``top (S, d)`` (0 for an empty slot) and ``x (F, R, d)`` the member rows
-    (see :class:`_MemberLayout`, padding rows zero), S = F * K.
+    ``mean (S, d)``, ``top (S, d)`` (0 for an empty slot) and ``x (F, R, d)`` the rows (see
+    :class:`_MemberLayout`), S = F * K.
 
-    Forward: one ``index_select`` per frame straight into its block of ``x``, then a
-    scatter-add and a scatter-max over the rows' slots.
-
-    Backward, one node for the rows' three uses: where the fused kernel applies (CPU) and no
-    query is listed twice in a frame, `fused.member_query_grad` writes every frame's gradient
-    in one pass over the member rows, and the frames get slices of its output. Otherwise, torch
-    ops: the members' share of the centres' gradient is added into the rows' own gradient, in
-    blocks of whole frames (so the temporaries stay small enough to be reused rather than
-    page-faulted in on every call), and each block is scattered into a fresh ``(Q_f, d)``
-    gradient of its frame. On exact ties of the max the gradient is shared equally by the tied
-    entries (the released ``max(0)`` gives it to the first one; a query listed twice is the
-    same query either way).
+    Forward: the layout's gather, then a scatter-add and a scatter-max over the rows' slots.
+    Backward, one node for the rows' three uses: the members' share of the centres' gradient
+    (the mean's spread over the members, the max's given to the rows holding it) is added
+    straight into the rows' own gradient (the point-to-segment scores'), where autograd would
+    zero-fill a second rows-sized buffer and sum the two: one compiled pass on CPU
+    (`fused.member_grad`), else torch ops in blocks of whole frames (small temporaries, reused
+    rather than page-faulted in on every call). Stacked, the frames' gradients are then slices
+    of that buffer. On exact ties of the max the gradient is shared equally by the tied
+    entries (the released ``max(0)`` gives it to the first one).
     """
 
     @staticmethod
     def forward(ctx, layout: _MemberLayout, counts: Tensor, *frames: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        d, r = frames[0].shape[1], layout.rows
-        rows = frames[0].new_empty(len(layout.index) * r, d)  # (F * R, d)
-        it = iter(frames)
-        for f, idx in enumerate(layout.index):
-            if idx is not None:
-                torch.index_select(next(it), 0, idx, out=rows.narrow(0, f * r, idx.numel()))
-        rows.index_fill_(0, layout.padding, 0.0)
+        rows = layout.gather(frames)  # (F * R, d)
+        d, r = rows.shape[1], layout.rows
         s, segment = counts.shape[0], layout.segment
         inv = 1.0 / counts.clamp(min=1).to(rows.dtype).unsqueeze(1)  # (S, 1)
         mean = rows.new_zeros(s + 1, d).index_add_(0, segment, rows)[:s].mul_(inv)
         top = rows.new_zeros(s + 1, d).scatter_reduce_(
             0, segment.view(-1, 1).expand_as(rows), rows, "amax", include_self=False)
-        top[s] = float("nan")  # the padding's slot: its rows never hold the max
+        top[s] = float("nan")  # the dummy slot: its rows never hold the max
         ctx.save_for_backward(rows, top, inv)
         ctx.layout = layout
         ctx.queries = [f.shape[0] for f in frames]
@@ -406,57 +450,18 @@ class _MemberPool(torch.autograd.Function):
                  ) -> tuple[Tensor | None, ...]:
         rows, top, inv = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        grads = None
-        if any(needs):
-            grads = _fused_frame_grads(ctx.layout, ctx.queries, rows, top, inv, g_mean, g_top,
-                                       g_x)
-            if grads is None:
-                flat = _member_rows_grad(ctx.layout, rows, top, inv, g_mean, g_top, g_x)
-                grads = _scatter_rows(ctx.layout, ctx.queries, flat)
-        return (None, None, *(g if need else None
-                              for g, need in zip(grads or [None] * len(needs), needs)))
-
-
-def _fused_frame_grads(layout: _MemberLayout, queries: list[int], rows: Tensor, top: Tensor,
-                       inv: Tensor, g_mean: Tensor | None, g_top: Tensor | None,
-                       g_x: Tensor | None) -> list[Tensor] | None:
-    """`_MemberPool`'s frame gradients by `fused.member_query_grad`, or None where the kernel
-    does not apply: not on the CPU, too small, a query listed twice in a frame, exact ties of
-    the max (the kernel would not share them out)."""
-    device, s, d = rows.device, inv.shape[0], rows.shape[1]
-    if not (fused.applies(rows, fused.MIN_MEMBER_ELEMENTS) and s and layout.rows_of_entries.size):
-        return None
-    start = np.cumsum(queries) - np.asarray(queries, dtype=np.int64)  # (frames,) first source
-    grid = np.flatnonzero([idx is not None for idx in layout.index])  # frame of each source
-    offset = np.zeros(len(layout.index), dtype=np.int64)
-    offset[grid] = start
-    member = layout.query_of_entries + _to_device(
-        offset[layout.frame_of_entries], device)  # (E,) source of every entry
-    row = _to_device(layout.rows_of_entries, device)  # (E,)
-    source_row = torch.full((int(sum(queries)),), -1, dtype=torch.long, device=device)
-    source_row[member] = row
-    if not torch.equal(source_row[member], row):
-        return None  # a query listed twice in a frame: its rows' gradients add up
-    zero = None
-    if g_mean is None or g_top is None:
-        zero = rows.new_zeros(s, d)
-    out = fused.member_query_grad(
-        source_row, rows, torch.zeros_like(rows) if g_x is None else g_x.reshape(-1, d),
-        layout.segment, top[:s], zero if g_top is None else g_top,
-        zero if g_mean is None else g_mean, inv)
-    if out is None:
-        return None
-    grad, hits = out
-    if g_top is not None and int(hits) > sum(n for *_, n in layout.blocks) * d:
-        return None  # exact ties of the max
-    return [grad.narrow(0, a, q) for a, q in zip(start.tolist(), queries)]
+        if not any(needs):
+            return (None,) * (2 + len(needs))
+        flat = _member_rows_grad(ctx.layout, rows, top, inv, g_mean, g_top, g_x)
+        grads = ctx.layout.scatter(flat, ctx.queries)
+        return (None, None, *(g if need else None for g, need in zip(grads, needs)))
 
 
 def _member_rows_grad(layout: _MemberLayout, rows: Tensor, top: Tensor, inv: Tensor,
                       g_mean: Tensor | None, g_top: Tensor | None, g_x: Tensor | None
                       ) -> Tensor:
-    """The member rows' gradient ``(F * R, d)``, torch ops: their own gradient plus their share
-    of the centres' gradient (mean: equal parts; max: the rows that hold it, ties equal)."""
+    """The rows' gradient ``(F * R, d)``: their own gradient plus their share of the
+    centres' gradient (mean: equal parts; max: the rows that hold it, ties equal)."""
     segment, r, d, s = layout.segment, layout.rows, rows.shape[1], inv.shape[0]
     if g_x is None:
         flat = torch.zeros_like(rows)
@@ -464,7 +469,7 @@ def _member_rows_grad(layout: _MemberLayout, rows: Tensor, top: Tensor, inv: Ten
         flat = g_x.view(-1, d)  # a fresh buffer of the engine's: added into in place
     else:
         flat = g_x.reshape(-1, d).clone()
-    spread = share = None  # per slot, with a zero row for the padding's slot
+    spread = share = None  # per slot, with a zero row for the dummy slot
     if g_mean is not None:
         spread = g_mean.new_empty(s + 1, d)
         torch.mul(g_mean, inv, out=spread[:s])
@@ -473,6 +478,11 @@ def _member_rows_grad(layout: _MemberLayout, rows: Tensor, top: Tensor, inv: Ten
         share = g_top.new_empty(s + 1, d)
         share[:s] = g_top
         share[s].zero_()
+    if share is None and spread is None:
+        return flat
+    if _fused_member_grad(flat, rows, segment, top, share, spread,
+                          sum(n for *_, n in layout.blocks)):
+        return flat
     for f0, f1, filled in layout.blocks:
         a, b = f0 * r, f1 * r
         seg = segment[a:b]
@@ -502,12 +512,24 @@ def _member_rows_grad(layout: _MemberLayout, rows: Tensor, top: Tensor, inv: Ten
     return flat
 
 
-def _scatter_rows(layout: _MemberLayout, queries: list[int], flat: Tensor) -> list[Tensor]:
-    """Member rows' gradient ``(F * R, d)`` -> each frame's ``(Q_f, d)`` gradient."""
-    r, d = layout.rows, flat.shape[1]
-    index = [(f, idx) for f, idx in enumerate(layout.index) if idx is not None]
-    return [flat.new_zeros(q, d).index_add_(0, idx, flat.narrow(0, f * r, idx.numel()))
-            for (f, idx), q in zip(index, queries)]
+def _fused_member_grad(flat: Tensor, rows: Tensor, segment: Tensor, top: Tensor,
+                       share: Tensor | None, spread: Tensor | None, num_filled: int) -> bool:
+    """The members' gradient added into ``flat`` by `fused.member_grad`; False (nothing
+    written) when the kernel does not apply. ``share``/``spread``: ``(S + 1, d)`` or None;
+    ``num_filled``: the non-empty slots."""
+    if not fused.applies(flat, fused.MIN_MEMBER_ELEMENTS):
+        return False
+    zero = flat.new_zeros(top.shape) if share is None or spread is None else None
+    hits = fused.member_grad(flat, rows, segment, top, zero if share is None else share,
+                             zero if spread is None else spread)
+    if hits is None:
+        return False
+    if share is not None and int(hits) > num_filled * flat.shape[1]:
+        # exact ties (rare): the kernel gave each tied row the whole share
+        hit = torch.eq(top.index_select(0, segment), rows).to(flat.dtype)
+        ties = torch.zeros_like(top).index_add_(0, segment, hit)
+        flat.addcmul_(hit, (share / ties.clamp(min=1) - share).index_select(0, segment))
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ class _MemberLayout:
                 pieces.append(f)
                 if f.shape[0] < r:
                     pieces.append(f.new_zeros(r - f.shape[0], d))
-            return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            return torch.cat(pieces)  # a new tensor, even of one piece
         rows = frames[0].new_empty(len(self.index) * r, d)
         for f, (here, idx) in enumerate(zip(self.present, self.index)):
             if here:

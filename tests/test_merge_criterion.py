@@ -47,11 +47,15 @@ def make_inputs(frames=(3, 2), instances=(4, 3), queries=(10, 7), dim=8, dtype=t
     return feats, masks
 
 
-@pytest.fixture(params=["torch-ops", "member-kernel"])
+@pytest.fixture(params=["torch-ops", "member-kernel", "entry-layout"])
 def member_path(request, monkeypatch):
-    """Run a test on both backward paths of the member-pooled centres: torch ops, and the
-    fused `member_grad` kernel forced on at every size."""
-    if request.param == "member-kernel":
+    """Run a test on the backward paths of the member-pooled centres: torch ops, the fused
+    `member_grad` kernel forced on at every size (both on the stacked layout wherever no query
+    is listed twice), and the entry-by-entry layout with the kernel."""
+    import esam.losses.merge as merge_module
+    monkeypatch.setattr(merge_module, "_STACK_MIN_MEMBERS",
+                        float("inf") if request.param == "entry-layout" else 0.0)
+    if request.param != "torch-ops":
         monkeypatch.setattr(fused, "MIN_MEMBER_ELEMENTS", 0)
         monkeypatch.setattr(fused, "_enabled", True)
     else:
@@ -490,6 +494,16 @@ def test_align_global_ids_hand_case():
         align_global_ids(pred, gt, torch.tensor([3]))
 
 
+@pytest.mark.parametrize("p_member,stacked", [(0.9, True), (0.2, False)])
+def test_layout_stacks_frames_of_mostly_members(p_member, stacked):
+    feats, masks = make_inputs(frames=(2, 2), instances=(4, 3), queries=(20, 20), seed=3,
+                               p_absent=0.0, p_member=p_member)
+    assert merge_module._pack(feats, masks).layout.stacked == stacked
+    ref = ReferenceMergeFast()(feats, masks)
+    ours = ScanNetMergeCriterion_Fast()(feats, masks)
+    assert_close(ours["loss"], ref["merge_loss_tmp"] + ref["merge_loss_p2s"], 1e-10)
+
+
 @pytest.mark.parametrize("layout", ["stacked", "entries"])
 def test_member_layout_places_every_entry_and_counts_blocks(monkeypatch, layout):
     """Stacked: each frame's block is the frame (row = query). Entries (a query listed in two
@@ -502,6 +516,7 @@ def test_member_layout_places_every_entry_and_counts_blocks(monkeypatch, layout)
         masks = [[[torch.cat([t, frame[j - 1][:1]]) if j else t for j, t in enumerate(frame)]
                   for frame in sample] for sample in masks]
     monkeypatch.setattr(merge_module, "_CHUNK_ELEMENTS", 1)  # one frame per block
+    monkeypatch.setattr(merge_module, "_STACK_MIN_MEMBERS", 0.0)
     p = merge_module._pack(feats, masks)
     lay = p.layout
     b, v, k = p.shape

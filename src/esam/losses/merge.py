@@ -304,6 +304,7 @@ def _mean_and_max_centres(p: _Packed) -> tuple[Tensor, Tensor, Tensor]:
 
 
 _CHUNK_ELEMENTS = 1 << 18  # rows x columns per block of `_MemberPool`'s torch-op backward
+_STACK_MIN_MEMBERS = 0.5  # the stacked layout from this fraction of member rows on
 
 
 @dataclass
@@ -374,7 +375,9 @@ def _blocks(p: _Packed, r: int) -> list[tuple[int, int, int]]:
 
 
 def _member_layout(p: _Packed) -> _MemberLayout:
-    """The stacked layout where no query is listed twice in a frame, else the entry layout.
+    """The stacked layout where no query is listed twice in a frame and at least
+    `_STACK_MIN_MEMBERS` of the stack's rows are members, else the entry layout (with few members, scoring every query
+    would cost more than gathering the members).
 
     The entry layout is built on the host from ``p``'s host index arrays; the stacked one
     places the entries by their (device) query indices, and its test for repeats is the one
@@ -387,7 +390,7 @@ def _member_layout(p: _Packed) -> _MemberLayout:
     frame = slot // max(k, 1)  # (E,)
     present = [f % v < p.num_frames[f // v] for f in range(nf)]
     q = max(p.max_queries, 1)
-    if slot.size:
+    if slot.size and slot.size >= _STACK_MIN_MEMBERS * nf * q:
         row = _to_device(frame * q, device) + p.member_query  # (E,) its row, stacked
         owner = torch.full((nf * q,), -1, dtype=torch.long, device=device)
         entries = torch.arange(slot.size, device=device)

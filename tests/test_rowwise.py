@@ -303,3 +303,32 @@ def test_criterion_reports_bad_query_masks_by_sample():
     crit = build_instance_criterion(esam_preset(num_semantic_classes=4, num_instance_classes=1))
     with pytest.raises(ValueError, match=r"query_masks\[1\]: expected shape \(K=2, Q=5\)"):
         crit(preds, targets)
+
+
+def test_small_layers_sharing_masks_take_one_stacked_statistics_call(monkeypatch):
+    """The small layers of one sample share one `fused.row_stats` call on their stacked rows:
+    the same sums as a call per layer, and each layer's NaN/Inf check still rides on them."""
+    import esam.losses.rowwise as rowwise_module
+    monkeypatch.setattr(fused, "_enabled", True)
+    g = torch.Generator().manual_seed(3)
+    p = 1000
+    masks = [InstanceMasks(ids=torch.randint(-1, 4, (p,), generator=g), num_instances=4)
+             for _ in range(2)]
+    # entries: two layers of sample 0, two of sample 1, in layer-major order
+    xs = [torch.randn(q, p, generator=g, dtype=torch.float64) for q in (50, 40, 50, 40)]
+    ms = [masks[0], masks[1], masks[0], masks[1]]
+    inst = [torch.randint(-2, 4, (x.shape[0],), generator=g) for x in xs]
+    calls = []
+    real = fused.row_stats
+    monkeypatch.setattr(fused, "row_stats", lambda *a: calls.append(a[0].shape) or real(*a))
+    with fused.watch_finite(xs) as watch:
+        got = rowwise_module._entry_stats(xs, ms, inst)
+    assert sorted(calls) == [(80, p), (100, p)]  # one call per sample
+    assert not any(watch.unverified(x) for x in xs)
+    want = torch.cat([real(x, m.ids, i) for x, m, i in zip(xs, ms, inst)], 1)
+    assert torch.equal(got, want)
+    xs[1] = xs[1].clone()
+    xs[1][3, 5] = float("nan")
+    with fused.watch_finite(xs) as watch:
+        rowwise_module._entry_stats(xs, ms, inst)
+    assert [watch.unverified(x) for x in xs] == [False, True, False, False]

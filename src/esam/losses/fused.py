@@ -42,8 +42,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
-           "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "row_grad", "row_grad_at",
-           "row_instances", "row_stats", "set_enabled", "watch_finite"]
+           "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "record_row_totals",
+           "row_grad", "row_grad_at", "row_instances", "row_stats", "set_enabled",
+           "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 MIN_MEMBER_ELEMENTS = 1 << 16  # the same for `member_grad`'s (rows x features)
@@ -244,10 +245,16 @@ def row_stats(x: Tensor, ids: Tensor, inst: Tensor) -> Tensor | None:
         if part is None:
             return None
         stats = part if stats is None else stats + part
+    record_row_totals(x, stats[7])
+    return stats
+
+
+def record_row_totals(x: Tensor, row_totals: Tensor) -> None:
+    """Hand the active `watch_finite` (if any) the row totals of ``x``: for a caller that ran
+    `row_stats` on a copy of ``x`` (rows of several tensors stacked, say)."""
     watch = _watch.get()
     if watch is not None:
-        watch.saw(x, stats[7])
-    return stats
+        watch.saw(x, row_totals)
 
 
 class FiniteWatch:

@@ -400,3 +400,27 @@ def test_watch_outside_a_criterion():
     assert not watch.unverified(x) and watch.unverified(bad)
     assert watch.unverified(unread)  # never read by a pass
     fused.row_stats(x, ids, inst)  # no watch: nothing to record
+
+
+def test_reusable_empty_reuses_a_mapping_only_once_every_tensor_on_it_is_gone(monkeypatch):
+    monkeypatch.setattr(fused, "_mappings", fused._MappingPool(max_mappings=3))
+    a = fused.reusable_empty((64, 33), torch.float32)
+    a.fill_(1.0)
+    first = a.data_ptr()
+    b = fused.reusable_empty((64, 33), torch.float32)
+    assert b.data_ptr() != first  # `a` still holds its mapping
+    view = a[10:20]
+    del a
+    c = fused.reusable_empty((64, 33), torch.float32)
+    assert c.data_ptr() != first  # a view of it is still alive
+    del view
+    d = fused.reusable_empty((64, 33), torch.float32)
+    assert d.data_ptr() == first  # now free: reused, its pages already mapped
+    assert d.shape == (64, 33) and d._base is None and d.is_contiguous()
+    assert fused.reusable_empty((0, 4), torch.float64).shape == (0, 4)
+    e = fused.reusable_empty((3, 4), torch.float64)
+    e.copy_(torch.arange(12.0).view(3, 4))
+    assert torch.equal(e.sum(1), torch.tensor([6.0, 22.0, 38.0]))
+    # beyond max_mappings, further buffers are plain (released with their tensors)
+    keep = [fused.reusable_empty((64, 33), torch.float32) for _ in range(3)]
+    assert fused._mappings._busy == 3 and len({t.data_ptr() for t in keep + [b, c, d]}) == 6

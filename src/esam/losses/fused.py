@@ -35,7 +35,9 @@ import contextvars
 import math
 import mmap
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -43,7 +45,7 @@ from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
            "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "record_row_totals",
-           "row_grad", "row_grad_at", "row_instances", "row_stats", "set_enabled",
+           "reusable_empty", "row_grad", "row_grad_at", "row_instances", "row_stats", "set_enabled",
            "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
@@ -150,6 +152,73 @@ def _grad(out: Tensor, x: Tensor, rows: Tensor, ids: Tensor, inst: Tensor, coef:
     member = (ids.unsqueeze(0) == inst.unsqueeze(1)).to(x.dtype)  # (U, P)
     a, b, c, gamma, beta = (coef[:, i:i + 1] for i in range(5))
     return out.index_copy_(0, rows, q * (a + q * b) + c * q * qq - member * (gamma + beta * qq))
+
+
+class _MappingPool:
+    """Anonymous memory mappings kept for reuse once no tensor uses them any more.
+
+    Each hand-out wraps its mapping in a fresh ``memoryview`` that only the tensor's storage
+    references (``torch.frombuffer`` holds it for as long as any tensor shares the memory); a
+    finalizer on that view marks the mapping free again. Its pages stay mapped: a buffer of
+    several MB that the system allocator would return to the OS on every free (and fault back
+    in, one fault per 4 KiB, on the next call) is reused as it is.
+    """
+
+    def __init__(self, max_mappings: int = 8, max_bytes: int = 256 << 20):
+        self.max_mappings, self.max_bytes = max_mappings, max_bytes
+        self._free: list[mmap.mmap] = []  # kept, unused
+        self._busy = 0  # kept, in use
+        self._bytes = 0  # kept, in all
+        self._lock = threading.Lock()
+
+    def view(self, nbytes: int) -> memoryview:
+        with self._lock:
+            fits = [m for m in self._free if nbytes <= len(m) <= 2 * nbytes]
+            if fits:
+                m = min(fits, key=len)
+                self._free.remove(m)
+            else:
+                m = mmap.mmap(-1, nbytes)
+                while self._free and (len(self._free) + self._busy >= self.max_mappings
+                                      or self._bytes + nbytes > self.max_bytes):
+                    old = self._free.pop(0)  # the oldest unused one makes room
+                    self._bytes -= len(old)
+                    old.close()
+                if (len(self._free) + self._busy >= self.max_mappings
+                        or self._bytes + nbytes > self.max_bytes):
+                    return memoryview(m)  # not kept: released with its tensors
+                self._bytes += nbytes
+            self._busy += 1
+        out = memoryview(m)
+        weakref.finalize(out, self._release, m)
+        return out
+
+    def _release(self, m: mmap.mmap) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._free.append(m)
+
+
+_mappings = _MappingPool()
+
+
+def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor for a buffer the caller overwrites in full, in memory that
+    earlier calls have already mapped.
+
+    Large temporaries that are freed and allocated again on every call (the merge criteria's
+    ``(frames x Q, d)`` stacks, 4 MB in the benchmark) come back from the system allocator as
+    fresh pages more often than not: a page fault per 4 KiB on the first write, which cost
+    more than the arithmetic on them. Here they come from a few mappings kept for reuse (see
+    `_MappingPool`); a mapping is handed out again only when no tensor uses it any more.
+    Never read an element before writing it.
+    """
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(_mappings.view(count * itemsize), dtype=dtype, count=count)
+    return flat.set_(flat.untyped_storage(), 0, shape)  # of the shape itself, not a view
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:

@@ -343,8 +343,8 @@ class _MemberLayout:
                 pieces.append(f)
                 if f.shape[0] < r:
                     pieces.append(f.new_zeros(r - f.shape[0], d))
-            return torch.cat(pieces)  # a new tensor, even of one piece
-        rows = frames[0].new_empty(len(self.index) * r, d)
+            return torch.cat(pieces, out=_workspace((len(self.present) * r, d), frames[0]))
+        rows = _workspace((len(self.index) * r, d), frames[0])
         for f, (here, idx) in enumerate(zip(self.present, self.index)):
             if here:
                 torch.index_select(next(it), 0, idx, out=rows.narrow(0, f * r, idx.numel()))
@@ -359,6 +359,14 @@ class _MemberLayout:
         return [flat.new_zeros(q, d).index_add_(0, self.index[f],
                                                 flat.narrow(0, f * r, self.index[f].numel()))
                 for f, q in zip(grid, queries)]
+
+
+def _workspace(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised buffer for ``like``'s device and dtype that the caller overwrites in
+    full; on CPU in memory that earlier calls already mapped (`fused.reusable_empty`)."""
+    if like.device.type == "cpu":
+        return fused.reusable_empty(shape, like.dtype)
+    return like.new_empty(shape)
 
 
 def _blocks(p: _Packed, r: int) -> list[tuple[int, int, int]]:
@@ -668,7 +676,8 @@ class _RowScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_c = torch.baddbmm(none, g.transpose(1, 2), feats, beta=0, alpha=ctx.scale)
         if ctx.needs_input_grad[1]:
-            g_x = torch.baddbmm(none, g, centres, beta=0, alpha=ctx.scale)
+            g_x = torch.baddbmm(none, g, centres, beta=0, alpha=ctx.scale,
+                                out=_workspace(feats.shape, feats))
         return g_c, g_x, None
 
 

@@ -45,8 +45,8 @@ from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
            "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "record_row_totals",
-           "reusable_empty", "row_grad", "row_grad_at", "row_instances", "row_stats", "set_enabled",
-           "watch_finite"]
+           "reusable_empty", "row_grad", "row_grad_at", "row_instances", "row_stats",
+           "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 MIN_MEMBER_ELEMENTS = 1 << 16  # the same for `member_grad`'s (rows x features)
@@ -179,19 +179,22 @@ class _MappingPool:
                 self._free.remove(m)
             else:
                 m = mmap.mmap(-1, nbytes)
-                while self._free and (len(self._free) + self._busy >= self.max_mappings
-                                      or self._bytes + nbytes > self.max_bytes):
+                while self._free and self._full(nbytes):
                     old = self._free.pop(0)  # the oldest unused one makes room
                     self._bytes -= len(old)
                     old.close()
-                if (len(self._free) + self._busy >= self.max_mappings
-                        or self._bytes + nbytes > self.max_bytes):
+                if self._full(nbytes):
                     return memoryview(m)  # not kept: released with its tensors
                 self._bytes += nbytes
             self._busy += 1
         out = memoryview(m)
         weakref.finalize(out, self._release, m)
         return out
+
+    def _full(self, nbytes: int) -> bool:
+        """Whether keeping one more mapping of ``nbytes`` would pass a limit."""
+        return (len(self._free) + self._busy >= self.max_mappings
+                or self._bytes + nbytes > self.max_bytes)
 
     def _release(self, m: mmap.mmap) -> None:
         with self._lock:

@@ -289,7 +289,8 @@ class SparseMatcher(_Matcher):
             query_masks: per sample ``(K_b, Q_b)`` bool, required.
         """
         if query_masks is None:
-            raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, got None")
+            raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, "
+                             "got None")
         self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
         out: list[MatchIndices] = []
         all_sums: list[LF.MaskSums | None] = []
@@ -355,7 +356,8 @@ class SparseMatcher(_Matcher):
         already known (layers of one batch share them).
         """
         if query_masks is None:
-            raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, got None")
+            raise ValueError("query_masks: SparseMatcher needs per-sample (K, Q) bool masks, "
+                             "got None")
         self._check(cls_logits, mask_logits, gt_labels, gt_masks, query_masks)
         if not len(cls_logits) or any(type(t).row_cost is CostTerm.row_cost for t in self.costs):
             return None

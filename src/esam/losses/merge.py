@@ -339,10 +339,12 @@ class _MemberLayout:
         if self.stacked:
             pieces = []
             for here in self.present:
-                f = next(it) if here else frames[0].new_zeros(0, d)
-                pieces.append(f)
-                if f.shape[0] < r:
-                    pieces.append(f.new_zeros(r - f.shape[0], d))
+                pad = r
+                if here:
+                    pieces.append(next(it))
+                    pad -= pieces[-1].shape[0]
+                if pad:  # shorter and missing frames: zero rows
+                    pieces.append(frames[0].new_zeros(pad, d))
             return torch.cat(pieces, out=_workspace((len(self.present) * r, d), frames[0]))
         rows = _workspace((len(self.index) * r, d), frames[0])
         for f, (here, idx) in enumerate(zip(self.present, self.index)):
@@ -384,8 +386,8 @@ def _blocks(p: _Packed, r: int) -> list[tuple[int, int, int]]:
 
 def _member_layout(p: _Packed) -> _MemberLayout:
     """The stacked layout where no query is listed twice in a frame and at least
-    `_STACK_MIN_MEMBERS` of the stack's rows are members, else the entry layout (with few members, scoring every query
-    would cost more than gathering the members).
+    `_STACK_MIN_MEMBERS` of the stack's rows are members, else the entry layout (with few
+    members, scoring every query would cost more than gathering the members).
 
     The entry layout is built on the host from ``p``'s host index arrays; the stacked one
     places the entries by their (device) query indices, and its test for repeats is the one

@@ -102,19 +102,14 @@ def _entry_stats(xs: Sequence[Tensor], masks: Sequence[InstanceMasks],
             groups.setdefault((id(m.ids), x.shape[1], x.dtype), []).append(e)
         else:
             parts[e] = fused.row_stats(x, m.ids, i)
-    for (_, _, _), members in groups.items():
-        if len(members) == 1:
-            e = members[0]
-            parts[e] = fused.row_stats(xs[e], masks[e].ids, inst[e])
+    for members in groups.values():
+        stats = fused.row_stats(torch.cat([xs[e] for e in members]), masks[members[0]].ids,
+                                torch.cat([inst[e] for e in members]))  # stacked rows
+        if stats is None:
             continue
-        stacked = fused.row_stats(torch.cat([xs[e] for e in members]), masks[members[0]].ids,
-                                  torch.cat([inst[e] for e in members]))
-        pieces = (stacked.split([xs[e].shape[0] for e in members], 1) if stacked is not None
-                  else [None] * len(members))
-        for e, piece in zip(members, pieces):
+        for e, piece in zip(members, stats.split([xs[e].shape[0] for e in members], 1)):
             parts[e] = piece
-            if piece is not None:
-                fused.record_row_totals(xs[e], piece[7])
+            fused.record_row_totals(xs[e], piece[7])  # the watch knows the entry, not the stack
     for e, part in enumerate(parts):  # the kernel could not be compiled
         if part is None:
             parts[e] = row_stats_torch(xs[e], masks[e], inst[e])

@@ -424,3 +424,49 @@ def test_reusable_empty_reuses_a_mapping_only_once_every_tensor_on_it_is_gone(mo
     # beyond max_mappings, further buffers are plain (released with their tensors)
     keep = [fused.reusable_empty((64, 33), torch.float32) for _ in range(3)]
     assert fused._mappings._busy == 3 and len({t.data_ptr() for t in keep + [b, c, d]}) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reusable_zeros_are_zeros_even_in_a_reused_mapping(monkeypatch, dtype):
+    monkeypatch.setattr(fused, "_zero_mappings", fused._MappingPool(max_mappings=2))
+    a = fused.reusable_zeros((50, 700), dtype)
+    assert a.shape == (50, 700) and a.dtype == dtype and a.is_contiguous()
+    assert int(torch.count_nonzero(a)) == 0
+    first = a.data_ptr()
+    a[3] = 5.0
+    a.view(-1)[-1] = -1.0  # writes anywhere, as a caller (an optimizer, say) might
+    del a
+    b = fused.reusable_zeros((50, 700), dtype)
+    assert b.data_ptr() == first and int(torch.count_nonzero(b)) == 0  # reused, zeroed
+    c = fused.reusable_zeros((50, 700), dtype)
+    assert c.data_ptr() != first  # `b` still holds it
+    c.fill_(2.0)
+    del b, c
+    assert fused._zero_mappings._busy == 0
+    assert fused.release_memory() >= 2 * 50 * 700 * torch.empty((), dtype=dtype).element_size()
+    assert fused._zero_mappings._bytes == 0 and not fused._zero_mappings._free
+    assert int(torch.count_nonzero(fused.reusable_zeros((50, 700), dtype))) == 0
+    assert fused.reusable_zeros((0, 3), dtype).shape == (0, 3)
+
+
+def test_row_grad_rows_are_exact_in_a_reused_dirty_buffer():
+    torch.manual_seed(0)
+    x = torch.randn(64, 20_000)
+    ids = torch.randint(-1, 10, (20_000,))
+    inst = torch.full((64,), fused.NO_INSTANCE)
+    inst[:10] = torch.arange(10)
+    coef = torch.randn(64, 5)
+    first = fused.row_grad(x, ids, inst, coef)
+    assert first is not None
+    first.fill_(7.0)  # the caller scribbles over every row before releasing it
+    ptr = first.data_ptr()
+    del first
+    other = inst.clone()
+    other[:10] = fused.NO_INSTANCE
+    other[30:40] = torch.arange(10)  # different rows this time
+    got = fused.row_grad(x, ids, other, coef * (other != fused.NO_INSTANCE).unsqueeze(1))
+    want = fused.row_grad(x.double(), ids, other,
+                          (coef * (other != fused.NO_INSTANCE).unsqueeze(1)).double())
+    assert got.data_ptr() == ptr  # the scribbled-on mapping, reused
+    assert int(torch.count_nonzero(got[:30])) == 0 and int(torch.count_nonzero(got[40:])) == 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

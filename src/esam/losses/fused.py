@@ -45,7 +45,7 @@ from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
            "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "record_row_totals",
-           "reusable_empty", "row_grad", "row_grad_at", "row_instances", "row_stats",
+           "release_memory", "reusable_empty", "reusable_zeros", "row_grad", "row_grad_at", "row_instances", "row_stats",
            "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
@@ -172,24 +172,40 @@ class _MappingPool:
         self._lock = threading.Lock()
 
     def view(self, nbytes: int) -> memoryview:
+        """A view of ``nbytes`` of a kept mapping (a new one when none fits)."""
+        return self.take(nbytes)[0]
+
+    def take(self, nbytes: int) -> tuple[memoryview, bool]:
+        """`view`, and whether its memory was handed out before (else: a new mapping, zeros)."""
         with self._lock:
             fits = [m for m in self._free if nbytes <= len(m) <= 2 * nbytes]
             if fits:
                 m = min(fits, key=len)
                 self._free.remove(m)
+                reused = True
             else:
-                m = mmap.mmap(-1, nbytes)
+                m, reused = mmap.mmap(-1, nbytes), False
                 while self._free and self._full(nbytes):
                     old = self._free.pop(0)  # the oldest unused one makes room
                     self._bytes -= len(old)
                     old.close()
                 if self._full(nbytes):
-                    return memoryview(m)  # not kept: released with its tensors
+                    return memoryview(m), False  # not kept: released with its tensors
                 self._bytes += nbytes
             self._busy += 1
         out = memoryview(m)
         weakref.finalize(out, self._release, m)
-        return out
+        return out, reused
+
+    def clear(self) -> int:
+        """Release the kept mappings that no tensor uses; returns the bytes released."""
+        with self._lock:
+            freed = sum(len(m) for m in self._free)
+            for m in self._free:
+                m.close()
+            self._free.clear()
+            self._bytes -= freed
+        return freed
 
     def _full(self, nbytes: int) -> bool:
         """Whether keeping one more mapping of ``nbytes`` would pass a limit."""
@@ -222,6 +238,36 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(_mappings.view(count * itemsize), dtype=dtype, count=count)
     return flat.set_(flat.untyped_storage(), 0, shape)  # of the shape itself, not a view
+
+
+_zero_mappings = _MappingPool(max_mappings=16, max_bytes=512 << 20)
+
+
+def reusable_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A CPU tensor of zeros in memory that earlier calls have already mapped, where possible.
+
+    For the ``(Q, N)`` gradients of the point-level mask losses, which are allocated and freed
+    on every backward pass: a new mapping costs a page fault per 4 KiB written (the matched
+    rows: K of Q), which on a virtual machine took several times longer than the arithmetic
+    (about 1 ms per 20k-point layer and sample). A mapping is reused only once no tensor uses
+    it any more, and is then zeroed in full (one memset, about a third of the faults' time);
+    a new one reads as zeros as it is (`lazy_zeros`). Kept mappings (at most 16, 512 MB) stay
+    resident until `release_memory`.
+    """
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    view, reused = _zero_mappings.take(count * itemsize)
+    flat = torch.frombuffer(view, dtype=dtype, count=count)
+    out = flat.set_(flat.untyped_storage(), 0, shape)
+    return out.zero_() if reused else out
+
+
+def release_memory() -> int:
+    """Release the memory mappings kept for reuse (`reusable_empty`, `reusable_zeros`) that no
+    tensor uses; returns the number of bytes released."""
+    return _mappings.clear() + _zero_mappings.clear()
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -387,7 +433,7 @@ def row_grad(x: Tensor, ids: Tensor, inst: Tensor, coef: Tensor) -> Tensor | Non
 
     Returns:
         The gradient, or None when the kernel could not be compiled. Only the rows with a pair
-        or non-zero coefficients are computed and written; the others are `lazy_zeros`.
+        or non-zero coefficients are computed and written; the others are zeros (`reusable_zeros`).
     """
     _check(x, ids, inst)
     if coef.shape != (x.shape[0], 5):
@@ -401,7 +447,7 @@ def row_grad_at(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tensor
     """`row_grad` for callers that know the rows to compute: ``rows (U,)`` distinct row
     indices, ``inst (U,)`` their pairs' instances and ``coef (U, 5)`` their coefficients;
     every other row is zero."""
-    out = lazy_zeros(tuple(x.shape), x.dtype)
+    out = reusable_zeros(tuple(x.shape), x.dtype)
     if len(rows) == 0:
         return out
     # fresh tensors: a view (a slice of a larger coefficient table) would be a graph of its own

@@ -255,7 +255,7 @@ def _sample_grad(x: Tensor, ids: Tensor, rows: Tensor, inst: Tensor, coef: Tenso
     member = torch.addcmul(gamma, beta, pp).mul_(ids.unsqueeze(0) == inst.unsqueeze(1))
     rows_grad.sub_(member)
     if x.device.type == "cpu" and x.numel() >= fused.MIN_ELEMENTS:
-        out = fused.lazy_zeros(tuple(x.shape), x.dtype)  # unwritten rows: no page faults
+        out = fused.reusable_zeros(tuple(x.shape), x.dtype)  # mapped by earlier calls
     else:
         out = x.new_zeros(x.shape)
     return out.index_copy_(0, rows, rows_grad)

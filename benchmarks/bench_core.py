@@ -5,18 +5,22 @@ decoder layers with mask levels SP, SP, P, P; S=500 superpoints; N=20,000 points
 classes; class-agnostic instance head; K=30 GT instances; box head on.
 
 Reports forward and forward+backward median times, peak memory, the speed-up over the reference
-(dense one-hot GT, einsum costs, per-sample loops), and the time the forward pass would take if it
+(dense one-hot GT, einsum costs, per-sample loops; the median over rounds in which the
+implementations take turns, of the ratio within each round), and the time the forward pass would take if it
 only had to stream its inputs once at the measured memory bandwidth. Where the fused CPU kernels
 (`esam.losses.fused`) apply, ``ours_torch_ops`` times the same code with them off.
 
-    python -m benchmarks.bench_core [--json] [--device cuda] [--repeats 5]
+    python -m benchmarks.bench_core [--json] [--device cuda] [--repeats 3] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -104,6 +108,21 @@ def _leaves(preds):
     return out
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 while the profiler starts and stops: its C++ side logs a line
+    on each (``profiler_start``/``profiler_stop``) that Python cannot turn off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class PeakMemory:
     """Peak extra memory a block allocates through PyTorch: the CUDA allocator's peak, or on
     CPU the peak of live bytes replayed from the profiler's allocation events (op by op).
@@ -123,7 +142,8 @@ class PeakMemory:
         else:
             self.prof = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
+            with _quiet_stderr():
+                self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -131,7 +151,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self.base
             return
-        self.prof.__exit__(*exc)
+        with _quiet_stderr():
+            self.prof.__exit__(*exc)
         # each op's own allocations (children excluded) and the frees between ops, in order
         events = sorted(((e.time_range.start, e.self_cpu_memory_usage)
                          for e in self.prof.events() if e.self_cpu_memory_usage),
@@ -148,25 +169,46 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: str, repeats: int, reset=None, external=None) -> tuple[float, int]:
-    """Median wall time of ``repeats`` back-to-back calls after one warm-up (each
-    implementation in its own steady state, as a training loop would run it), then the peak
-    memory of one more call, tracked separately (the tracking slows the code it watches);
-    ``reset`` runs before that call, ``external()`` adds the bytes it holds outside PyTorch's
+def _peak(fn, device: str, reset=None, external=None) -> int:
+    """Peak memory of one call of ``fn``, tracked on its own (the tracking slows the code it
+    watches); ``reset`` runs before it, ``external()`` adds the bytes held outside PyTorch's
     allocator after it."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
     if reset is not None:
         reset()  # frees the previous call's gradients before the peak is tracked
     with PeakMemory(device) as mem:
         fn()
-    return statistics.median(times), mem.bytes + (external() if external is not None else 0)
+    return mem.bytes + (external() if external is not None else 0)
+
+
+def _rounds(fns: dict, device: str, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """Per round, the median wall time of ``repeats`` back-to-back calls of each function in
+    ``fns`` (name -> (fn, setup)), the functions taking turns round by round (in alternating
+    order) after one warm-up call each.
+
+    Each function runs in its own steady state within a round, as a training loop would run it,
+    while the rounds spread every function over the whole measurement: this machine's speed
+    drifts by tens of percent over seconds, and timing one implementation after the other
+    would fold that drift into their ratio.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn, setup in fns.values():
+        with setup():
+            fn()  # warm-up
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, setup = fns[name]
+            with setup():
+                fn()  # back into this function's steady state after the others ran
+                samples = []
+                for _ in range(repeats):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    samples.append(time.perf_counter() - t0)
+            times[name].append(statistics.median(samples))
+    return times
 
 
 def memory_bandwidth(device: str, mb: int = 256) -> float:
@@ -184,7 +226,7 @@ def memory_bandwidth(device: str, mb: int = 256) -> float:
     return 2 * x.numel() * 4 / best
 
 
-def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
+def run_one(w: Workload, device: str = "cpu", repeats: int = 3, rounds: int = 5) -> dict:
     preds, targets, (ref_pred, ref_insts, sem_preds, sem_masks) = make_inputs(w, device)
     crit = ESAMCriterion(esam_preset(num_semantic_classes=w.semantic_classes,
                                      num_instance_classes=1)).to(device)
@@ -226,22 +268,38 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
         a, b = ours(False).item(), reference(False).item()
     result = {"workload": vars(w), "device": device, "loss_ours": a, "loss_reference": b,
               "relative_difference": abs(a - b) / max(abs(b), 1e-12)}
-    runs = [("ours", ours, fused.is_enabled()), ("reference", reference, False)]
+    kernels = fused.is_enabled()
+    runs = {"ours": (ours, kernels), "reference": (reference, False)}
     if any(fused.applies(l.mask_logits) for p in preds for l in p.layers):
-        runs.insert(1, ("ours_torch_ops", ours, False))  # the same without the fused kernels
-    for name, fn, use_fused in runs:
-        previous = fused.set_enabled(use_fused)
-        try:
-            with torch.no_grad():
-                t_f, m_f = _time(lambda: fn(False), device, repeats, reset)
-            t_fb, m_fb = _time(lambda: fn(True), device, repeats, reset, mapped_grads)
-        finally:
-            fused.set_enabled(previous)
-        result[name] = {"forward_s": t_f, "forward_backward_s": t_fb,
-                        "peak_forward_mb": m_f / 2**20, "peak_forward_backward_mb": m_fb / 2**20}
-    result["speedup_forward"] = result["reference"]["forward_s"] / result["ours"]["forward_s"]
-    result["speedup_forward_backward"] = (result["reference"]["forward_backward_s"]
-                                          / result["ours"]["forward_backward_s"])
+        runs["ours_torch_ops"] = (ours, False)  # the same without the fused kernels
+
+    def setup(use_fused: bool):
+        @contextlib.contextmanager
+        def scope():
+            previous = fused.set_enabled(use_fused)
+            try:
+                yield
+            finally:
+                fused.set_enabled(previous)
+        return scope
+
+    for key, backward in (("forward", False), ("forward_backward", True)):
+        grad = contextlib.nullcontext if backward else torch.no_grad
+        fns = {name: (lambda fn=fn: fn(backward), setup(k)) for name, (fn, k) in runs.items()}
+        with grad():
+            times = _rounds(fns, device, rounds, repeats)
+        for name, (fn, use_fused) in runs.items():
+            with grad(), setup(use_fused)():
+                peak = _peak(lambda: fn(backward), device, reset,
+                             mapped_grads if backward else None)
+            entry = result.setdefault(name, {})
+            entry[f"{key}_s"] = statistics.median(times[name])
+            entry[f"{key}_round_s"] = times[name]
+            entry[f"peak_{key}_mb"] = peak / 2**20
+        ratios = [r / o for r, o in zip(times["reference"], times["ours"])]
+        # the median of the per-round ratios: each compares the two under the same conditions
+        result[f"speedup_{key}"] = statistics.median(ratios)
+        result[f"speedup_{key}_range"] = [min(ratios), max(ratios)]
     # Lower bound: read every mask / class / semantic logit once.
     input_bytes = sum(t.numel() * t.element_size() for t in leaves)
     bw = memory_bandwidth(device)
@@ -251,11 +309,11 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 5) -> dict:
     return result
 
 
-def run(device: str = "cpu", repeats: int = 5, queries=(128, 375)) -> dict:
+def run(device: str = "cpu", repeats: int = 3, queries=(128, 375), rounds: int = 5) -> dict:
     out = {"benchmark": "single-view objective (esam preset)", "threads": torch.get_num_threads(),
            "results": []}
     for q in queries:
-        out["results"].append(run_one(Workload(queries=q), device, repeats))
+        out["results"].append(run_one(Workload(queries=q), device, repeats, rounds))
     return out
 
 
@@ -270,8 +328,11 @@ def format_table(res: dict) -> str:
             lines.append(f"{r['workload']['queries']:>4} {name:>14} {x['forward_s'] * 1e3:>9.1f} "
                          f"{x['forward_backward_s'] * 1e3:>11.1f} "
                          f"{x['peak_forward_mb']:>12.1f} {x['peak_forward_backward_mb']:>16.1f}")
-        lines.append(f"     speed-up fwd {r['speedup_forward']:.1f}x, fwd+bwd "
-                     f"{r['speedup_forward_backward']:.1f}x; forward at "
+        lo_f, hi_f = r["speedup_forward_range"]
+        lo_fb, hi_fb = r["speedup_forward_backward_range"]
+        lines.append(f"     speed-up fwd {r['speedup_forward']:.1f}x ({lo_f:.1f}-{hi_f:.1f}), "
+                     f"fwd+bwd {r['speedup_forward_backward']:.1f}x ({lo_fb:.1f}-{hi_fb:.1f}) "
+                     f"over {len(r['ours']['forward_round_s'])} rounds; forward at "
                      f"{r['forward_vs_bound']:.1f}x the bandwidth bound; "
                      f"rel. diff {r['relative_difference']:.1e}")
     return "\n".join(lines)
@@ -280,10 +341,12 @@ def format_table(res: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per round")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds in which the implementations take turns")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    res = run(args.device, args.repeats)
+    res = run(args.device, args.repeats, rounds=args.rounds)
     print(json.dumps(res, indent=2) if args.json else format_table(res))
 
 

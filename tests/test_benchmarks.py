@@ -12,10 +12,17 @@ from esam.losses import matcher as matcher_module
 def test_core_benchmark_runs_and_agrees_with_the_reference():
     w = bench_core.Workload(batch=2, queries=12, superpoints=20, points=200,
                             semantic_classes=5, instances=4)
-    r = bench_core.run_one(w, repeats=1)
+    r = bench_core.run_one(w, repeats=1, rounds=3)
     assert r["relative_difference"] < 1e-5
     for name in ("ours", "reference"):
         assert r[name]["forward_s"] > 0 and r[name]["forward_backward_s"] > 0
+        assert len(r[name]["forward_backward_round_s"]) == 3
+    for key in ("forward", "forward_backward"):
+        lo, hi = r[f"speedup_{key}_range"]
+        assert lo <= r[f"speedup_{key}"] <= hi
+        ratios = sorted(a / b for a, b in zip(r["reference"][f"{key}_round_s"],
+                                              r["ours"][f"{key}_round_s"]))
+        assert r[f"speedup_{key}"] == pytest.approx(ratios[1])  # the median round's ratio
     assert "ours_torch_ops" not in r  # too small for the fused kernels
     assert "speed-up" in bench_core.format_table({"results": [r]})
 

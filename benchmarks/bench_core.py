@@ -239,9 +239,8 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 3, rounds: int = 5)
             t.grad = None
 
     def mapped_grads() -> int:
-        # gradients the fused kernels return as `fused.lazy_zeros` (an anonymous mapping the
-        # profiler does not see), counted at full size: an upper bound, as only their written
-        # rows become resident
+        # gradients the fused kernels return in memory mappings (`fused.reusable_zeros`, which
+        # the profiler does not see), counted at full size
         return sum(t.grad.nbytes for t in leaves
                    if t.grad is not None and not t.grad.untyped_storage().resizable())
 

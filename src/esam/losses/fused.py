@@ -7,8 +7,8 @@ per-row sum: the row totals of ``softplus(x)``, ``sigmoid(x)``, ``sigmoid(x)**2`
 binarised mask, and the same sums over the members of the row's instance. One pass over the
 logits computes all of them (`row_stats`), and its row totals of the logits stand in for their
 NaN/Inf check (`watch_finite`); the analytic gradient of the matched BCE and Dice
-losses is one more pass over the matched rows that writes them into an otherwise untouched
-``(Q, N)`` gradient (`row_grad`), with no gather of the instances' members; it serves any matcher
+losses is one more pass over the matched rows that writes them into an otherwise zero
+``(Q, N)`` gradient (`row_grad`, in memory kept for reuse: `reusable_zeros`), with no gather of the instances' members; it serves any matcher
 that gives each query at most one pair (Hungarian matching too).
 
 With torch ops this takes a blocked sweep of several passes plus a gather of each pair's

@@ -470,3 +470,19 @@ def test_row_grad_rows_are_exact_in_a_reused_dirty_buffer():
     assert got.data_ptr() == ptr  # the scribbled-on mapping, reused
     assert int(torch.count_nonzero(got[:30])) == 0 and int(torch.count_nonzero(got[40:])) == 0
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kept_mappings_are_private_to_a_forked_process(monkeypatch):
+    monkeypatch.setattr(fused, "_zero_mappings", fused._MappingPool(max_mappings=2))
+    a = fused.reusable_zeros((64, 64), torch.float32)
+    lazy = fused.lazy_zeros((64, 64), torch.float32)
+    pid = os.fork()
+    if pid == 0:  # the child writes into both buffers
+        try:
+            a.fill_(3.0)
+            lazy.fill_(4.0)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert int(torch.count_nonzero(a)) == 0 and int(torch.count_nonzero(lazy)) == 0

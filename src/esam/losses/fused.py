@@ -154,6 +154,18 @@ def _grad(out: Tensor, x: Tensor, rows: Tensor, ids: Tensor, inst: Tensor, coef:
     return out.index_copy_(0, rows, q * (a + q * b) + c * q * qq - member * (gamma + beta * qq))
 
 
+def _anonymous(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping of ``nbytes`` zeros, private to this process.
+
+    ``mmap.mmap(-1, n)`` alone is a *shared* anonymous mapping on Unix: a process forked while
+    it exists (a data-loader worker, say) would write into the same pages as its parent.
+    Private pages are copied on write instead.
+    """
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, nbytes)  # Windows: anonymous memory is never shared with a child
+
+
 class _MappingPool:
     """Anonymous memory mappings kept for reuse once no tensor uses them any more.
 
@@ -184,7 +196,7 @@ class _MappingPool:
                 self._free.remove(m)
                 reused = True
             else:
-                m, reused = mmap.mmap(-1, nbytes), False
+                m, reused = _anonymous(nbytes), False
                 while self._free and self._full(nbytes):
                     old = self._free.pop(0)  # the oldest unused one makes room
                     self._bytes -= len(old)
@@ -282,7 +294,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    return torch.frombuffer(_anonymous(nbytes), dtype=dtype).view(shape)
 
 
 def _run(name: str, fn: Callable, *args: Tensor) -> Tensor | None:

@@ -6,9 +6,10 @@ classes; class-agnostic instance head; K=30 GT instances; box head on.
 
 Reports forward and forward+backward median times, peak memory, the speed-up over the reference
 (dense one-hot GT, einsum costs, per-sample loops; the median over rounds in which the
-implementations take turns, of the ratio within each round), and the time the forward pass would take if it
-only had to stream its inputs once at the measured memory bandwidth. Where the fused CPU kernels
-(`esam.losses.fused`) apply, ``ours_torch_ops`` times the same code with them off.
+implementations take turns, of the ratio within each round), and the time the forward pass
+would take if it only had to stream its inputs once at the measured memory bandwidth. Where the
+fused CPU kernels (`esam.losses.fused`) apply, ``ours_torch_ops`` times the same code with them
+off.
 
     python -m benchmarks.bench_core [--json] [--device cuda] [--repeats 3] [--rounds 5]
 """
@@ -180,10 +181,20 @@ def _peak(fn, device: str, reset=None, external=None) -> int:
     return mem.bytes + (external() if external is not None else 0)
 
 
+@contextlib.contextmanager
+def _kernels(enabled: bool):
+    """The fused kernels on or off inside the block (`fused.set_enabled`), restored after."""
+    previous = fused.set_enabled(enabled)
+    try:
+        yield
+    finally:
+        fused.set_enabled(previous)
+
+
 def _rounds(fns: dict, device: str, rounds: int, repeats: int) -> dict[str, list[float]]:
     """Per round, the median wall time of ``repeats`` back-to-back calls of each function in
-    ``fns`` (name -> (fn, setup)), the functions taking turns round by round (in alternating
-    order) after one warm-up call each.
+    ``fns`` (name -> (fn, whether the fused kernels are on)), the functions taking turns round
+    by round (in alternating order) after one warm-up call each.
 
     Each function runs in its own steady state within a round, as a training loop would run it,
     while the rounds spread every function over the whole measurement: this machine's speed
@@ -191,14 +202,14 @@ def _rounds(fns: dict, device: str, rounds: int, repeats: int) -> dict[str, list
     would fold that drift into their ratio.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn, setup in fns.values():
-        with setup():
+    for fn, use_fused in fns.values():
+        with _kernels(use_fused):
             fn()  # warm-up
     names = list(fns)
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            fn, setup = fns[name]
-            with setup():
+            fn, use_fused = fns[name]
+            with _kernels(use_fused):
                 fn()  # back into this function's steady state after the others ran
                 samples = []
                 for _ in range(repeats):
@@ -267,28 +278,17 @@ def run_one(w: Workload, device: str = "cpu", repeats: int = 3, rounds: int = 5)
         a, b = ours(False).item(), reference(False).item()
     result = {"workload": vars(w), "device": device, "loss_ours": a, "loss_reference": b,
               "relative_difference": abs(a - b) / max(abs(b), 1e-12)}
-    kernels = fused.is_enabled()
-    runs = {"ours": (ours, kernels), "reference": (reference, False)}
+    runs = {"ours": (ours, fused.is_enabled()), "reference": (reference, False)}
     if any(fused.applies(l.mask_logits) for p in preds for l in p.layers):
         runs["ours_torch_ops"] = (ours, False)  # the same without the fused kernels
 
-    def setup(use_fused: bool):
-        @contextlib.contextmanager
-        def scope():
-            previous = fused.set_enabled(use_fused)
-            try:
-                yield
-            finally:
-                fused.set_enabled(previous)
-        return scope
-
     for key, backward in (("forward", False), ("forward_backward", True)):
         grad = contextlib.nullcontext if backward else torch.no_grad
-        fns = {name: (lambda fn=fn: fn(backward), setup(k)) for name, (fn, k) in runs.items()}
+        fns = {name: (lambda fn=fn: fn(backward), k) for name, (fn, k) in runs.items()}
         with grad():
             times = _rounds(fns, device, rounds, repeats)
         for name, (fn, use_fused) in runs.items():
-            with grad(), setup(use_fused)():
+            with grad(), _kernels(use_fused):
                 peak = _peak(lambda: fn(backward), device, reset,
                              mapped_grads if backward else None)
             entry = result.setdefault(name, {})

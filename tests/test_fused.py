@@ -449,7 +449,8 @@ def test_reusable_zeros_are_zeros_even_in_a_reused_mapping(monkeypatch, dtype):
     assert fused.reusable_zeros((0, 3), dtype).shape == (0, 3)
 
 
-def test_row_grad_rows_are_exact_in_a_reused_dirty_buffer():
+def test_row_grad_rows_are_exact_in_a_reused_dirty_buffer(monkeypatch):
+    monkeypatch.setattr(fused, "_zero_mappings", fused._MappingPool(max_mappings=4))
     torch.manual_seed(0)
     x = torch.randn(64, 20_000)
     ids = torch.randint(-1, 10, (20_000,))
@@ -464,12 +465,16 @@ def test_row_grad_rows_are_exact_in_a_reused_dirty_buffer():
     other = inst.clone()
     other[:10] = fused.NO_INSTANCE
     other[30:40] = torch.arange(10)  # different rows this time
-    got = fused.row_grad(x, ids, other, coef * (other != fused.NO_INSTANCE).unsqueeze(1))
-    want = fused.row_grad(x.double(), ids, other,
-                          (coef * (other != fused.NO_INSTANCE).unsqueeze(1)).double())
+    coef = coef * (other != fused.NO_INSTANCE).unsqueeze(1)
+    got = fused.row_grad(x, ids, other, coef)
     assert got.data_ptr() == ptr  # the scribbled-on mapping, reused
     assert int(torch.count_nonzero(got[:30])) == 0 and int(torch.count_nonzero(got[40:])) == 0
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # the documented row formula, in float64
+    q = torch.sigmoid(x[30:40].double())
+    a, b, c, gamma, beta = coef[30:40].double().T.unsqueeze(-1)
+    g = (ids.unsqueeze(0) == torch.arange(10).unsqueeze(1)).double()
+    want = q * (a + b * q) + c * q * q * (1 - q) - g * (gamma + beta * q * (1 - q))
+    torch.testing.assert_close(got[30:40].double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -8,8 +8,9 @@ binarised mask, and the same sums over the members of the row's instance. One pa
 logits computes all of them (`row_stats`), and its row totals of the logits stand in for their
 NaN/Inf check (`watch_finite`); the analytic gradient of the matched BCE and Dice
 losses is one more pass over the matched rows that writes them into an otherwise zero
-``(Q, N)`` gradient (`row_grad`, in memory kept for reuse: `reusable_zeros`), with no gather of the instances' members; it serves any matcher
-that gives each query at most one pair (Hungarian matching too).
+``(Q, N)`` gradient (`row_grad`, in memory kept for reuse: `reusable_zeros`), with no gather of
+the instances' members; it serves any matcher that gives each query at most one pair
+(Hungarian matching too).
 
 With torch ops this takes a blocked sweep of several passes plus a gather of each pair's
 members. `torch.compile` (inductor) fuses each into one vectorised, multi-threaded loop that
@@ -45,8 +46,8 @@ from torch import Tensor
 
 __all__ = ["MIN_ELEMENTS", "MIN_MEMBER_ELEMENTS", "NO_INSTANCE", "FiniteWatch", "applies",
            "is_enabled", "lazy_zeros", "member_grad", "one_pair_per_row", "record_row_totals",
-           "release_memory", "reusable_empty", "reusable_zeros", "row_grad", "row_grad_at", "row_instances", "row_stats",
-           "set_enabled", "watch_finite"]
+           "release_memory", "reusable_empty", "reusable_zeros", "row_grad", "row_grad_at",
+           "row_instances", "row_stats", "set_enabled", "watch_finite"]
 
 MIN_ELEMENTS = 1 << 20  # below this, per-call overhead outweighs the fusion
 MIN_MEMBER_ELEMENTS = 1 << 16  # the same for `member_grad`'s (rows x features)
@@ -183,12 +184,9 @@ class _MappingPool:
         self._bytes = 0  # kept, in all
         self._lock = threading.Lock()
 
-    def view(self, nbytes: int) -> memoryview:
-        """A view of ``nbytes`` of a kept mapping (a new one when none fits)."""
-        return self.take(nbytes)[0]
-
     def take(self, nbytes: int) -> tuple[memoryview, bool]:
-        """`view`, and whether its memory was handed out before (else: a new mapping, zeros)."""
+        """A view of ``nbytes`` of a kept mapping (a new one when none fits), and whether its
+        memory was handed out before (else: a new mapping, zeros)."""
         with self._lock:
             fits = [m for m in self._free if nbytes <= len(m) <= 2 * nbytes]
             if fits:
@@ -233,6 +231,19 @@ class _MappingPool:
 _mappings = _MappingPool()
 
 
+def _pooled(pool: _MappingPool, shape: tuple[int, ...], dtype: torch.dtype
+            ) -> tuple[Tensor, bool]:
+    """A contiguous CPU tensor of ``shape`` in a mapping from ``pool``, and whether that memory
+    was handed out before (else it reads as zeros)."""
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype), False
+    view, reused = pool.take(count * itemsize)
+    flat = torch.frombuffer(view, dtype=dtype, count=count)
+    return flat.set_(flat.untyped_storage(), 0, shape), reused  # the shape itself, not a view
+
+
 def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised CPU tensor for a buffer the caller overwrites in full, in memory that
     earlier calls have already mapped.
@@ -244,12 +255,7 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     `_MappingPool`); a mapping is handed out again only when no tensor uses it any more.
     Never read an element before writing it.
     """
-    count = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(_mappings.view(count * itemsize), dtype=dtype, count=count)
-    return flat.set_(flat.untyped_storage(), 0, shape)  # of the shape itself, not a view
+    return _pooled(_mappings, shape, dtype)[0]
 
 
 _zero_mappings = _MappingPool(max_mappings=16, max_bytes=512 << 20)
@@ -266,13 +272,7 @@ def reusable_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     a new one reads as zeros as it is (`lazy_zeros`). Kept mappings (at most 16, 512 MB) stay
     resident until `release_memory`.
     """
-    count = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if count == 0:
-        return torch.zeros(shape, dtype=dtype)
-    view, reused = _zero_mappings.take(count * itemsize)
-    flat = torch.frombuffer(view, dtype=dtype, count=count)
-    out = flat.set_(flat.untyped_storage(), 0, shape)
+    out, reused = _pooled(_zero_mappings, shape, dtype)
     return out.zero_() if reused else out
 
 
